@@ -1,0 +1,5 @@
+"""``python -m histopilot`` runs the CLI."""
+
+from histopilot.cli import main
+
+main()

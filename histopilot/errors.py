@@ -1,0 +1,37 @@
+"""Errors a user can cause, each with a message that says what to do next.
+
+The CLI prints these without a traceback and exits with code 2; the API turns them into 4xx
+responses with the same message. Anything that is not a ``HistopilotError`` is a bug.
+"""
+
+
+class HistopilotError(Exception):
+    """Base class for problems caused by input, configuration or the environment."""
+
+
+class SlideNotFoundError(HistopilotError):
+    """The path does not exist or is not a readable file."""
+
+
+class UnsupportedSlideFormatError(HistopilotError):
+    """No reader recognises the file."""
+
+
+class CorruptSlideError(HistopilotError):
+    """The file looks like a slide but its contents cannot be decoded."""
+
+
+class MissingMPPError(HistopilotError):
+    """A physical-unit operation needs the scan resolution and the file does not declare it."""
+
+
+class RegionError(HistopilotError):
+    """A requested region lies outside the slide or is too large to read at once."""
+
+
+class NotBrightfieldError(HistopilotError):
+    """A brightfield-only analysis was asked of a fluorescence or multi-channel image."""
+
+
+class OutputError(HistopilotError):
+    """An output path cannot be written."""
