@@ -1,0 +1,78 @@
+"""The contract every slide reader meets, and helpers the array-backed readers share.
+
+A reader knows one container format. It reports geometry and metadata as found in the file and
+reads RGB pixels; it never guesses a resolution. ``histopilot.slide.Slide`` adds everything
+format-independent (MPP overrides, target-MPP reads, bounds checks) on top.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from histopilot.slide.models import Modality, ReaderName
+
+#: Microscope resolutions outside this range (µm/px) are treated as meaningless defaults,
+#: e.g. the 72 dpi (≈ 353 µm/px) that image editors write into every TIFF.
+PLAUSIBLE_MPP_RANGE = (0.02, 100.0)
+
+
+@dataclass
+class ReaderMetadata:
+    """What a reader found in the file's header."""
+
+    format: str
+    level_dimensions: list[tuple[int, int]]
+    level_downsamples: list[float]
+    mpp: tuple[float, float] | None = None
+    mpp_note: str | None = None
+    objective_power: float | None = None
+    channels: list[str] = field(default_factory=lambda: ["R", "G", "B"])
+    #: ``None`` when the header does not say; the slide then looks at the pixels.
+    modality: Modality | None = None
+    associated_images: list[str] = field(default_factory=list)
+    #: Repairs or oddities the reader applied that a user should know about.
+    notes: list[str] = field(default_factory=list)
+
+
+class SlideReader(ABC):
+    """One open file of one container format."""
+
+    name: ReaderName
+    metadata: ReaderMetadata
+
+    @abstractmethod
+    def read(self, x: int, y: int, level: int, width: int, height: int) -> np.ndarray:
+        """RGB uint8 ``(height, width, 3)`` at ``level``; top-left at level-0 ``(x, y)``.
+
+        Pixels outside the image are white (glass), never black, so tissue detection and
+        encoders see background, not an artificial edge.
+        """
+
+    @abstractmethod
+    def associated_image(self, name: str) -> np.ndarray:
+        """An associated image (thumbnail, macro, label) as RGB uint8."""
+
+    def close(self) -> None:  # noqa: B027 - readers without handles have nothing to release
+        """Release file handles."""
+
+
+def crop_padded(image: np.ndarray, x: int, y: int, width: int, height: int) -> np.ndarray:
+    """``image[y:y+height, x:x+width]`` with white where the window leaves the image."""
+    out = np.full((height, width, *image.shape[2:]), 255, dtype=image.dtype)
+    src_x0, src_y0 = max(x, 0), max(y, 0)
+    src_x1 = min(x + width, image.shape[1])
+    src_y1 = min(y + height, image.shape[0])
+    if src_x1 > src_x0 and src_y1 > src_y0:
+        out[src_y0 - y : src_y1 - y, src_x0 - x : src_x1 - x] = image[src_y0:src_y1, src_x0:src_x1]
+    return out
+
+
+def plausible_mpp(mpp_x: float, mpp_y: float) -> tuple[float, float] | None:
+    """Keep a resolution only if it could come from a microscope."""
+    low, high = PLAUSIBLE_MPP_RANGE
+    if low <= mpp_x <= high and low <= mpp_y <= high:
+        return (mpp_x, mpp_y)
+    return None
