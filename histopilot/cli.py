@@ -1,0 +1,319 @@
+"""The ``histopilot`` command line: one Typer app whose sub-commands mirror the subpackages.
+
+Every command that reports data takes ``--json``; every error a user can cause is printed as
+one line on stderr, without a traceback, with exit code 2.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, ParamSpec, TypeVar
+
+import typer
+from pydantic import BaseModel
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+from rich.table import Table
+
+from histopilot import __version__
+from histopilot.errors import HistopilotError, OutputError
+from histopilot.slide import Slide, SlideInfo, detect_tissue, open_slide
+from histopilot.slide.demo import build_demo_slide
+from histopilot.slide.render import draw_regions, draw_tissue_outline, save_png
+from histopilot.slide.tiling import TileGrid, iter_tiles, tile_grid
+
+app = typer.Typer(
+    name="histopilot",
+    help="Open multi-agent pathology assistant: slides, reports, structured extraction.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+slide_app = typer.Typer(help="Whole-slide images: info, tissue, tiles, thumbnails.")
+app.add_typer(slide_app, name="slide", no_args_is_help=True)
+
+stderr = Console(stderr=True)
+P = ParamSpec("P")
+R = TypeVar("R")
+
+SlidePath = Annotated[Path, typer.Argument(help="Slide file (SVS, NDPI, DICOM, TIFF, …).")]
+SlideMPP = Annotated[
+    float | None,
+    typer.Option(
+        "--slide-mpp",
+        "--mpp",
+        help="Scan resolution in µm/px, for files that do not declare it (or declare it wrong).",
+    ),
+]
+AsJson = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
+
+
+def reports_user_errors(command: Callable[P, R]) -> Callable[P, R]:
+    """Print a ``HistopilotError`` as one red line and exit 2, instead of a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return command(*args, **kwargs)
+        except HistopilotError as error:
+            stderr.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+            raise typer.Exit(code=2) from None
+
+    return wrapper
+
+
+def _print_json(data: BaseModel | dict) -> None:
+    text = (
+        data.model_dump_json(indent=2)
+        if isinstance(data, BaseModel)
+        else json.dumps(data, indent=2)
+    )
+    sys.stdout.write(text + "\n")
+
+
+def _progress() -> Progress:
+    return Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=stderr,
+        transient=True,
+    )
+
+
+@app.callback(invoke_without_command=True)
+def _root(
+    version: Annotated[bool, typer.Option("--version", help="Print the version.")] = False,
+) -> None:
+    if version:
+        sys.stdout.write(f"histopilot {__version__}\n")
+        raise typer.Exit
+
+
+# -- slide ----------------------------------------------------------------------------------
+@slide_app.command("info")
+@reports_user_errors
+def slide_info(path: SlidePath, slide_mpp: SlideMPP = None, as_json: AsJson = False) -> None:
+    """Dimensions, pyramid levels, resolution, vendor and associated images of a slide."""
+    with open_slide(path, mpp=slide_mpp) as slide:
+        info = slide.info
+    if as_json:
+        _print_json(info)
+    else:
+        _print_info(info)
+
+
+def _print_info(info: SlideInfo) -> None:
+    console = Console()
+    table = Table(title=info.name, show_header=False, title_justify="left")
+    mpp = f"{info.mpp.x:.4f} x {info.mpp.y:.4f} µm/px ({info.mpp.source})" if info.mpp else None
+    rows = {
+        "format": f"{info.format} (read with {info.reader})",
+        "size": f"{info.width} x {info.height} px",
+        "resolution": mpp or f"[yellow]unknown[/] — {info.mpp_note}",
+        "objective": f"{info.objective_power:g}x" if info.objective_power else "not declared",
+        "modality": f"{info.modality} ({', '.join(info.channels)})",
+        "associated": ", ".join(info.associated_images) or "none",
+    }
+    for key, value in rows.items():
+        table.add_row(key, value)
+    for level in info.levels:
+        level_mpp = f", {level.mpp:.3f} µm/px" if level.mpp else ""
+        table.add_row(
+            f"level {level.index}",
+            f"{level.width} x {level.height} (x{level.downsample:.2f}{level_mpp})",
+        )
+    for note in info.notes:
+        table.add_row("note", note)
+    console.print(table)
+
+
+@slide_app.command("tissue")
+@reports_user_errors
+def slide_tissue(
+    path: SlidePath,
+    out: Annotated[Path, typer.Option("--out", help="Tissue mask PNG (white = tissue).")],
+    geojson: Annotated[
+        Path | None, typer.Option("--geojson", help="Tissue polygons, level-0 pixels.")
+    ] = None,
+    slide_mpp: SlideMPP = None,
+    as_json: AsJson = False,
+) -> None:
+    """Detect tissue (pen marks excluded); write a mask PNG and optionally GeoJSON polygons."""
+    with open_slide(path, mpp=slide_mpp) as slide:
+        tissue = detect_tissue(slide)
+        save_png(tissue.mask, out)
+        mpp = slide.mpp.mean if slide.mpp else None
+        if geojson is not None:
+            _write_text(geojson, json.dumps(tissue.to_geojson(mpp)))
+    summary = {
+        "slide": str(path),
+        "mask": str(out),
+        "geojson": str(geojson) if geojson else None,
+        "mask_downsample": tissue.downsample,
+        "tissue_fraction": tissue.tissue_fraction,
+        "pen_fraction": tissue.pen_fraction,
+        "regions": len(tissue.polygons),
+        "tissue_area_mm2": sum(p.area_px for p in tissue.polygons) * mpp**2 / 1e6 if mpp else None,
+    }
+    if as_json:
+        _print_json(summary)
+    else:
+        stderr.print(
+            f"tissue {summary['tissue_fraction']:.1%} of the slide in {summary['regions']} "
+            f"region(s), pen marks {summary['pen_fraction']:.1%}; mask → {out}"
+        )
+
+
+@slide_app.command("thumbnail")
+@reports_user_errors
+def slide_thumbnail(
+    path: SlidePath,
+    out: Annotated[Path, typer.Option("--out", help="Output PNG.")],
+    size: Annotated[int, typer.Option("--size", min=16, max=8192, help="Longest side, px.")] = 1024,
+    outline: Annotated[
+        bool, typer.Option("--outline/--no-outline", help="Draw the tissue outline.")
+    ] = True,
+    slide_mpp: SlideMPP = None,
+) -> None:
+    """A thumbnail of the whole slide, with the detected tissue outlined."""
+    with open_slide(path, mpp=slide_mpp) as slide:
+        overview, downsample = slide.overview(max_size=size)
+        if outline and slide.modality == "brightfield":
+            overview = draw_tissue_outline(overview, detect_tissue(slide), downsample)
+    save_png(overview, out)
+    stderr.print(f"thumbnail {overview.shape[1]}x{overview.shape[0]} → {out}")
+
+
+@slide_app.command("tiles")
+@reports_user_errors
+def slide_tiles(
+    path: SlidePath,
+    out: Annotated[Path, typer.Option("--out", help="Output folder.")],
+    mpp: Annotated[float, typer.Option("--mpp", help="Tile resolution in µm/px.")] = 0.5,
+    size: Annotated[int, typer.Option("--size", help="Tile side in pixels.")] = 256,
+    overlap: Annotated[int, typer.Option("--overlap", help="Pixels shared by neighbours.")] = 0,
+    min_tissue: Annotated[
+        float, typer.Option("--min-tissue", help="Minimum tissue fraction of a kept tile.")
+    ] = 0.5,
+    save_images: Annotated[
+        bool, typer.Option("--save-images", help="Also write every tile as PNG.")
+    ] = False,
+    workers: Annotated[int | None, typer.Option("--workers", help="Reader threads.")] = None,
+    slide_mpp: Annotated[
+        float | None, typer.Option("--slide-mpp", help="Scan resolution (µm/px) if undeclared.")
+    ] = None,
+    as_json: AsJson = False,
+) -> None:
+    """Tile the tissue at a target resolution; write coordinates (HDF5) and optionally PNGs."""
+    with open_slide(path, mpp=slide_mpp) as slide:
+        grid = tile_grid(slide, mpp=mpp, tile_size=size, overlap=overlap, min_tissue=min_tissue)
+        coords_path = grid.save_h5(out / f"{path.stem}.h5")
+        tile_dir = out / path.stem
+        if save_images:
+            _save_tile_images(slide, grid, tile_dir, workers)
+    summary = {
+        "slide": str(path),
+        "tiles": len(grid),
+        "tile_size": size,
+        "target_mpp": mpp,
+        "read_level": grid.read_level,
+        "tile_size_level0": grid.size_level0,
+        "coords": str(coords_path),
+        "images": str(tile_dir) if save_images else None,
+    }
+    if as_json:
+        _print_json(summary)
+    else:
+        stderr.print(
+            f"{len(grid)} tiles of {size} px at {mpp} µm/px (read from level "
+            f"{grid.read_level}); coordinates → {coords_path}"
+        )
+
+
+def _save_tile_images(slide: Slide, grid: TileGrid, folder: Path, workers: int | None) -> None:
+    with _progress() as progress:
+        task = progress.add_task("tiles", total=len(grid))
+        for batch in iter_tiles(slide, grid, workers=workers):
+            for image, (x, y) in zip(batch.images, batch.coords, strict=True):
+                save_png(image, folder / f"x{x}_y{y}.png")
+            progress.advance(task, len(batch.indices))
+
+
+def _write_text(path: Path, text: str) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    except OSError as error:
+        raise OutputError(f"cannot write {path}: {error.strerror or error}") from error
+
+
+# -- demo -----------------------------------------------------------------------------------
+@app.command("demo")
+@reports_user_errors
+def demo(
+    out: Annotated[Path, typer.Option("--out", help="Output folder.")] = Path("histopilot-demo"),
+    as_json: AsJson = False,
+) -> None:
+    """Run histopilot on the built-in demo slide (no GPU, no downloads).
+
+    Builds the demo slide, then writes its info, tissue mask, outlined thumbnail and tile grid.
+    """
+    slide_path = build_demo_slide(out / "demo-slide.tif")
+    with open_slide(slide_path) as slide:
+        info = slide.info
+        tissue = detect_tissue(slide)
+        overview, downsample = slide.overview(max_size=1024)
+        grid = tile_grid(slide, mpp=0.5, tile_size=256, tissue=tissue)
+        with _progress() as progress:
+            task = progress.add_task("reading tiles", total=len(grid))
+            for batch in iter_tiles(slide, grid):
+                progress.advance(task, len(batch.indices))
+    outputs = {
+        "slide": str(slide_path),
+        "info": str(_write_json(out / "slide-info.json", info)),
+        "tissue_mask": str(save_png(tissue.mask, out / "tissue-mask.png")),
+        "thumbnail": str(
+            save_png(draw_tissue_outline(overview, tissue, downsample), out / "thumbnail.png")
+        ),
+        "tile_grid": str(grid.save_h5(out / "tiles.h5")),
+        "tile_grid_picture": str(
+            save_png(
+                draw_regions(
+                    overview,
+                    downsample,
+                    [(x, y, grid.size_level0, grid.size_level0) for x, y in grid.coords],
+                ),
+                out / "tile-grid.png",
+            )
+        ),
+    }
+    summary = {
+        "note": "demo slide: a mosaic of one real IHC field from scikit-image, for demonstration",
+        "tiles": len(grid),
+        "tissue_fraction": tissue.tissue_fraction,
+        "outputs": outputs,
+    }
+    if as_json:
+        _print_json(summary)
+        return
+    _print_info(info)
+    stderr.print(
+        f"tissue {tissue.tissue_fraction:.1%} of the glass; {len(grid)} tiles of 256 px at "
+        f"0.5 µm/px. Outputs in {out}/"
+    )
+    for name, value in outputs.items():
+        stderr.print(f"  {name:<18} {value}")
+
+
+def _write_json(path: Path, model: BaseModel) -> Path:
+    _write_text(path, model.model_dump_json(indent=2))
+    return path
+
+
+def main() -> None:
+    app()
