@@ -203,17 +203,18 @@ def slide_tiles(
     save_images: Annotated[
         bool, typer.Option("--save-images", help="Also write every tile as PNG.")
     ] = False,
-    workers: Annotated[int | None, typer.Option("--workers", help="Reader threads.")] = None,
+    workers: Annotated[int | None, typer.Option("--workers", min=1, help="Reader threads.")] = None,
     slide_mpp: Annotated[
         float | None, typer.Option("--slide-mpp", help="Scan resolution (µm/px) if undeclared.")
     ] = None,
     as_json: AsJson = False,
 ) -> None:
     """Tile the tissue at a target resolution; write coordinates (HDF5) and optionally PNGs."""
+    name = _output_name(path)
     with open_slide(path, mpp=slide_mpp) as slide:
         grid = tile_grid(slide, mpp=mpp, tile_size=size, overlap=overlap, min_tissue=min_tissue)
-        coords_path = grid.save_h5(out / f"{path.stem}.h5")
-        tile_dir = out / path.stem
+        coords_path = grid.save_h5(out / f"{name}.h5")
+        tile_dir = out / name
         if save_images:
             _save_tile_images(slide, grid, tile_dir, workers)
     summary = {
@@ -233,6 +234,14 @@ def slide_tiles(
             f"{len(grid)} tiles of {size} px at {mpp} µm/px (read from level "
             f"{grid.read_level}); coordinates → {coords_path}"
         )
+
+
+def _output_name(slide_path: Path) -> str:
+    """A file-name-safe stem for outputs, so ``.``, ``..`` or a folder never escape ``--out``."""
+    resolved = slide_path.resolve()
+    stem = resolved.stem if resolved.is_file() else resolved.name
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in stem).strip(".")
+    return safe or "slide"
 
 
 def _save_tile_images(slide: Slide, grid: TileGrid, folder: Path, workers: int | None) -> None:

@@ -145,3 +145,36 @@ def test_fluorescence_tissue_is_refused_with_exit_2(wsi_dir: Path, tmp_path: Pat
     result = runner.invoke(app, ["slide", "tissue", str(path), "--out", str(tmp_path / "m.png")])
     assert result.exit_code == 2
     assert "fluorescence" in result.output
+
+
+def test_tiles_of_a_dicom_folder_named_dotdot_stay_inside_out(
+    wsi_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    series = tmp_path / "series"
+    (series / "work").mkdir(parents=True)
+    (series / "level.dcm").write_bytes(
+        (wsi_dir / "dicom-wsi-TCGA-XK-AAJU-01A-01-TS1-level.dcm").read_bytes()
+    )
+    monkeypatch.chdir(series / "work")
+    result = runner.invoke(
+        app,
+        [
+            "slide",
+            "tiles",
+            "..",
+            "--out",
+            "tiles",
+            "--slide-mpp",
+            "0.5",
+            "--mpp",
+            "4",
+            "--min-tissue",
+            "0",
+            "--save-images",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert not list((series / "work").glob("*.png"))
+    assert not list(series.glob("*.png"))
+    assert (series / "work" / "tiles" / "series.h5").exists()
+    assert list((series / "work" / "tiles" / "series").glob("x*_y*.png"))

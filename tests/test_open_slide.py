@@ -247,3 +247,27 @@ def test_truncated_slides_raise_a_histopilot_error(
 def _write(path: Path, data: bytes) -> Path:
     path.write_bytes(data)
     return path
+
+
+@pytest.mark.parametrize("max_size", [253, 254, 300, 1000, 1024])
+def test_overview_maps_the_whole_slide_whatever_its_size(
+    synthetic_pyramid: Path, max_size: int
+) -> None:
+    with open_slide(synthetic_pyramid) as slide:  # DAB block at level-0 x 768..1024, y 512..768
+        overview, downsample = slide.overview(max_size=max_size)
+    assert abs(overview.shape[1] - max_size) <= 1
+    x = round(900 / downsample)
+    y = round(700 / downsample)
+    assert tuple(overview[y, x]) == DAB
+    assert tuple(overview[-1, -1]) == DAB  # the bottom-right corner is the block, not padding
+
+
+def test_dicom_without_matrix_size_is_corrupt(wsi_dir: Path, tmp_path: Path) -> None:
+    import pydicom
+
+    dataset = pydicom.dcmread(wsi_dir / "dicom-wsi-TCGA-XK-AAJU-01A-01-TS1-level.dcm")
+    del dataset.TotalPixelMatrixColumns
+    path = tmp_path / "broken.dcm"
+    dataset.save_as(path)
+    with pytest.raises(CorruptSlideError, match="matrix size"):
+        open_slide(path)

@@ -119,3 +119,9 @@ def test_absurd_grids_are_refused_before_allocating(
     monkeypatch.setattr(tiling, "MAX_TILES", 10)
     with open_slide(synthetic_pyramid) as slide, pytest.raises(RegionError, match="--mpp"):
         tile_grid(slide, mpp=0.25, tile_size=16, min_tissue=0)
+
+
+@pytest.mark.parametrize("mpp", [float("nan"), float("inf"), 1e300, 1e-9])
+def test_non_finite_or_absurd_resolutions_are_refused(synthetic_pyramid: Path, mpp: float) -> None:
+    with open_slide(synthetic_pyramid) as slide, pytest.raises(RegionError):
+        tile_grid(slide, mpp=mpp, min_tissue=0)

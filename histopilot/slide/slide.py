@@ -214,7 +214,8 @@ class Slide:
         plan = plan_read(self.level_downsamples, 0, 0, out_w, out_h, downsample)
         level_ds = self.level_downsamples[plan.level]
         level_w, level_h = self.level_dimensions[plan.level]
-        scale = plan.read_height / out_h  # level rows per output row
+        scale = level_h / out_h  # level rows per output row; the whole level is resized
+
         rows_per_strip = max(1, int(_STRIP_PIXELS / max(level_w, 1) / max(scale, 1)))
         out = np.empty((out_h, out_w, 3), dtype=np.uint8)
 
@@ -223,7 +224,7 @@ class Slide:
             level_y0 = math.floor(out_y0 * scale)
             level_y1 = min(level_h, max(level_y0 + 1, math.ceil(out_y1 * scale)))
             strip = self.reader.read(
-                0, round(level_y0 * level_ds), plan.level, plan.read_width, level_y1 - level_y0
+                0, round(level_y0 * level_ds), plan.level, level_w, level_y1 - level_y0
             )
             out[out_y0:out_y1] = resize(strip, out_w, out_y1 - out_y0)
 

@@ -9,6 +9,7 @@ without copying pixels between processes.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +27,9 @@ from histopilot.slide.tissue import TissueMask, detect_tissue
 #: Grids beyond this many tiles are refused: 10 M tiles of 256 px at 0.5 µm/px cover
 #: 650 cm² of tissue, far beyond any glass slide, so a bigger grid means a wrong resolution.
 MAX_TILES = 10_000_000
+#: Tiles may be enlarged at most 8x (a 20x scan served at 160x is already empty
+#: magnification) and shrunk to at most 1/1024 (a whole slide in a few tiles).
+MIN_DOWNSAMPLE, MAX_DOWNSAMPLE = 1 / 8, 1024.0
 #: Tiles decoded by one read when they sit side by side (see ``iter_tiles``).
 RUN_LENGTH = 8
 
@@ -134,11 +138,15 @@ def tile_grid(
         raise RegionError(f"min tissue fraction must be in [0, 1], got {min_tissue}.")
     slide_mpp = slide.mpp.mean if slide.mpp else None
     if mpp is not None:
-        if mpp <= 0:
-            raise RegionError(f"the tiling resolution must be positive, got {mpp} µm/px.")
+        if not (math.isfinite(mpp) and mpp > 0):
+            raise RegionError(f"the tiling resolution must be a positive number, got {mpp} µm/px.")
         downsample = mpp / slide.require_mpp("tiling at a physical resolution")
-    elif downsample <= 0:
-        raise RegionError(f"the tiling downsample must be positive, got {downsample}.")
+    if not (math.isfinite(downsample) and MIN_DOWNSAMPLE <= downsample <= MAX_DOWNSAMPLE):
+        raise RegionError(
+            f"tiles at {downsample:g}x the scan's pixel size are outside the usable range "
+            f"({MIN_DOWNSAMPLE:g}–{MAX_DOWNSAMPLE:g}x); check --mpp (µm per pixel, e.g. 0.5) "
+            "and the slide's resolution."
+        )
 
     size0 = level0_extent(tile_size, downsample)
     stride0 = level0_extent(tile_size - overlap, downsample)
@@ -188,6 +196,8 @@ def iter_tiles(
     """
     if batch_size < 1:
         raise RegionError(f"batch size must be at least 1, got {batch_size}.")
+    if workers is not None and workers < 1:
+        raise RegionError(f"reader threads must be at least 1, got {workers}.")
     workers = workers or min(8, os.cpu_count() or 1)
     plan = plan_read(slide.level_downsamples, 0, 0, grid.tile_size, grid.tile_size, grid.downsample)
 
@@ -231,6 +241,7 @@ def _adjacent_runs(grid: TileGrid, indices: np.ndarray, max_run: int) -> list[np
     if len(indices) == 0:
         return []
     xs, ys = grid.coords[indices, 0], grid.coords[indices, 1]
-    breaks = (np.diff(ys) != 0) | (np.diff(xs) > grid.size_level0)
+    steps = np.diff(xs)
+    breaks = (np.diff(ys) != 0) | (steps > grid.size_level0) | (steps <= 0)
     runs = np.split(indices, np.flatnonzero(breaks) + 1)
     return [chunk for run in runs for chunk in np.array_split(run, -(-len(run) // max_run))]

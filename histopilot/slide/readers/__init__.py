@@ -14,6 +14,7 @@ from PIL import Image, UnidentifiedImageError
 from histopilot.errors import (
     CorruptSlideError,
     HistopilotError,
+    RegionError,
     SlideNotFoundError,
     UnsupportedSlideFormatError,
 )
@@ -102,7 +103,12 @@ def _open_with_pillow(path: Path) -> SlideReader:
     Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
     try:
         image = Image.open(path)
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError) as error:
+    except Image.DecompressionBombError as error:
+        raise RegionError(
+            f"{path} declares more than {MAX_IMAGE_PIXELS:,} pixels, too many for a flat image. "
+            "Convert it to a tiled pyramidal TIFF and open that."
+        ) from error
+    except (UnidentifiedImageError, OSError) as error:
         hint = (
             f"Its extension '{path.suffix}' is not one histopilot reads"
             if path.suffix.lower() not in SUPPORTED_EXTENSIONS

@@ -34,10 +34,18 @@ class DicomReader(SlideReader):
             self._ds = pydicom.dcmread(path)
         except (pydicom.errors.InvalidDicomError, OSError, ValueError, EOFError) as error:
             raise CorruptSlideError(f"{path}: not a readable DICOM file ({error}).") from error
-        if str(self._ds.get("SOPClassUID", "")) != VL_WSI_SOP_CLASS:
+        sop_class = str(
+            self._ds.get("SOPClassUID", "")
+            or getattr(self._ds.file_meta, "MediaStorageSOPClassUID", "")
+        )
+        if sop_class == VL_WSI_SOP_CLASS and "SOPClassUID" not in self._ds:
+            raise CorruptSlideError(
+                f"{path}: a whole-slide DICOM whose data set is missing; the file is truncated."
+            )
+        if sop_class != VL_WSI_SOP_CLASS:
             raise UnsupportedSlideFormatError(
                 f"{path}: this DICOM object is not a VL Whole Slide Microscopy image "
-                f"(SOP class {self._ds.get('SOPClassUID', 'missing')})."
+                f"(SOP class {sop_class or 'missing'})."
             )
         organisation = str(self._ds.get("DimensionOrganizationType", "TILED_FULL"))
         if organisation != "TILED_FULL":
@@ -45,10 +53,17 @@ class DicomReader(SlideReader):
                 f"{path}: DICOM tiles organised as {organisation} are not supported here; "
                 "open the whole series folder so OpenSlide can read it."
             )
-        self._tile_w = int(self._ds.Columns)
-        self._tile_h = int(self._ds.Rows)
-        width = int(self._ds.TotalPixelMatrixColumns)
-        height = int(self._ds.TotalPixelMatrixRows)
+        try:
+            self._tile_w, self._tile_h = int(self._ds.Columns), int(self._ds.Rows)
+            width = int(self._ds.TotalPixelMatrixColumns)
+            height = int(self._ds.TotalPixelMatrixRows)
+        except (AttributeError, KeyError, TypeError, ValueError) as error:
+            raise CorruptSlideError(
+                f"{path}: the DICOM header lacks the tile or matrix size ({error}); the file "
+                "is incomplete or was not written as a whole-slide image."
+            ) from error
+        if min(self._tile_w, self._tile_h, width, height) <= 0:
+            raise CorruptSlideError(f"{path}: the DICOM header gives an empty image size.")
         self._tiles_across = -(-width // self._tile_w)
         n_frames = int(self._ds.get("NumberOfFrames", 1))
         if n_frames != self._tiles_across * -(-height // self._tile_h):
