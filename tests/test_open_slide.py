@@ -271,3 +271,10 @@ def test_dicom_without_matrix_size_is_corrupt(wsi_dir: Path, tmp_path: Path) -> 
     dataset.save_as(path)
     with pytest.raises(CorruptSlideError, match="matrix size"):
         open_slide(path)
+
+
+def test_regions_belong_to_the_caller(wsi_dir: Path) -> None:
+    with open_slide(wsi_dir / "CMU-1-Small-Region.svs") as slide:
+        region = slide.read_region(0, 0, 0, 16, 16)
+        region[:] = 0  # callers may draw on what they read
+        assert slide.read_region(0, 0, 0, 16, 16).any()

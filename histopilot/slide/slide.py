@@ -32,7 +32,7 @@ from histopilot.slide.readers import SlideReader, open_reader
 MAX_REGION_PIXELS = 100_000_000
 #: Level pixels per strip when a whole level is read for an overview: bounds peak memory
 #: and lets strips decode in parallel.
-_STRIP_PIXELS = 4_000_000
+_STRIP_PIXELS = 1_000_000
 #: Resolution of the overview that modality checks and tissue detection share (µm/px), and
 #: its size when the slide's MPP is unknown.
 ANALYSIS_MPP = 8.0
@@ -160,7 +160,7 @@ class Slide:
             )
         downsample = self.level_downsamples[level]
         self._check_region(x, y, width, height, downsample)
-        return self.reader.read(x, y, level, width, height)
+        return _writable(self.reader.read(x, y, level, width, height))
 
     def read_region_at(
         self, x: int, y: int, width: int, height: int, *, downsample: float
@@ -175,7 +175,7 @@ class Slide:
         pixels = self.reader.read(plan.x, plan.y, plan.level, plan.read_width, plan.read_height)
         if plan.needs_resize:
             pixels = resize(pixels, plan.out_width, plan.out_height)
-        return pixels
+        return _writable(pixels)
 
     def read_region_at_mpp(
         self, x: int, y: int, width: int, height: int, *, mpp: float
@@ -280,6 +280,11 @@ class Slide:
     def __repr__(self) -> str:
         width, height = self.dimensions
         return f"Slide({self.path.name!r}, {width}x{height}, levels={self.level_count})"
+
+
+def _writable(pixels: np.ndarray) -> np.ndarray:
+    """Callers own what they read: decoders may hand out read-only buffers, copy those."""
+    return pixels if pixels.flags.writeable else pixels.copy()
 
 
 def resize(pixels: np.ndarray, width: int, height: int) -> np.ndarray:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import openslide
+from PIL import Image
 
 from histopilot.errors import CorruptSlideError
 from histopilot.slide.readers.base import ReaderMetadata, SlideReader, plausible_mpp
@@ -19,19 +20,17 @@ from histopilot.slide.readers.base import ReaderMetadata, SlideReader, plausible
 _RESOLUTION_UNIT_MICRONS = {"centimeter": 1e4, "inch": 25_400.0}
 
 
-def rgba_to_rgb_on_white(rgba: np.ndarray) -> np.ndarray:
-    """Composite OpenSlide's RGBA output on white (transparent = no scan data = glass).
+def rgb_on_white(image: Image.Image) -> np.ndarray:
+    """OpenSlide's RGBA output as RGB, transparent areas (no scan data = glass) made white.
 
-    Only the pixels that are not opaque are blended, which on a tissue tile is none of them.
+    The checks and conversions run in Pillow's C code: on a fully opaque tissue tile this is
+    one extrema scan and one copy, cheaper than the same work in numpy.
     """
-    rgb = np.ascontiguousarray(rgba[..., :3])
-    alpha = rgba[..., 3]
-    translucent = alpha < 255
-    if translucent.any():
-        a = alpha[translucent][:, None].astype(np.uint16)
-        blended = (rgb[translucent].astype(np.uint16) * a + 255 * (255 - a)) // 255
-        rgb[translucent] = blended.astype(np.uint8)
-    return rgb
+    if image.mode != "RGBA":
+        image = image.convert("RGBA")
+    if image.getextrema()[3][0] < 255:
+        image = Image.alpha_composite(Image.new("RGBA", image.size, (255, 255, 255, 255)), image)
+    return np.asarray(image.convert("RGB"))
 
 
 class OpenSlideReader(SlideReader):
@@ -73,14 +72,14 @@ class OpenSlideReader(SlideReader):
                 f"{self._path}: reading pixels failed ({error}). The file is probably "
                 "truncated or damaged: copy it again from the scanner or archive."
             ) from error
-        return rgba_to_rgb_on_white(np.asarray(region))
+        return rgb_on_white(region)
 
     def associated_image(self, name: str) -> np.ndarray:
         try:
             image = self._slide.associated_images[name]
         except openslide.OpenSlideError as error:
             raise CorruptSlideError(f"{self._path}: associated image '{name}': {error}") from error
-        return rgba_to_rgb_on_white(np.asarray(image.convert("RGBA")))
+        return rgb_on_white(image)
 
     def close(self) -> None:
         self._slide.close()
