@@ -154,7 +154,8 @@ def pen_marks(hsv: np.ndarray) -> np.ndarray:
     sat = hsv[..., 1].astype(np.int16)
     val = hsv[..., 2].astype(np.int16)
     green = (hue >= 35) & (hue < 100) & (sat > 50) & (val > 30)
-    dark_teal = (hue >= 100) & (hue < 110) & (sat > 90) & (val < 140)
+    teal_hue = (hue >= 100) & (hue < 110)
+    dark_teal = teal_hue & (((sat > 90) & (val < 140)) | ((sat > 55) & (val < 130)))
     light_blue = (hue >= 95) & (hue <= 130) & (sat > 90) & (val > 160)
     red = ((hue <= 8) | (hue >= 172)) & (sat > 170) & (val > 60)
     black = val < 60
