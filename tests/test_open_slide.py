@@ -278,3 +278,23 @@ def test_regions_belong_to_the_caller(wsi_dir: Path) -> None:
         region = slide.read_region(0, 0, 0, 16, 16)
         region[:] = 0  # callers may draw on what they read
         assert slide.read_region(0, 0, 0, 16, 16).any()
+
+
+def test_image_editor_dpi_is_not_taken_for_a_microscope(tmp_path: Path) -> None:
+    import tifffile
+
+    path = tmp_path / "export.tif"
+    tifffile.imwrite(
+        path, np.full((64, 64, 3), 200, np.uint8), resolution=(72, 72), resolutionunit="INCH"
+    )
+    with open_slide(path) as slide:
+        assert slide.info.mpp is None
+    tifffile.imwrite(
+        path,
+        np.full((64, 64, 3), 200, np.uint8),
+        resolution=(40_000, 40_000),
+        resolutionunit="CENTIMETER",
+    )
+    with open_slide(path) as slide:
+        assert slide.info.mpp is not None
+        assert slide.info.mpp.x == pytest.approx(0.25)

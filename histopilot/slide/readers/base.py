@@ -70,6 +70,16 @@ def crop_padded(image: np.ndarray, x: int, y: int, width: int, height: int) -> n
     return out
 
 
+def mpp_from_resolution(
+    unit: str, pixels_per_unit_x: float, pixels_per_unit_y: float
+) -> tuple[float, float] | None:
+    """MPP from TIFF-style resolution tags (``unit`` is 'centimeter' or 'inch')."""
+    microns_per_unit = {"centimeter": 1e4, "inch": 25_400.0}.get(unit.lower())
+    if microns_per_unit is None or pixels_per_unit_x <= 0 or pixels_per_unit_y <= 0:
+        return None
+    return plausible_mpp(microns_per_unit / pixels_per_unit_x, microns_per_unit / pixels_per_unit_y)
+
+
 def plausible_mpp(mpp_x: float, mpp_y: float) -> tuple[float, float] | None:
     """Keep a resolution only if it could come from a microscope."""
     low, high = PLAUSIBLE_MPP_RANGE

@@ -135,10 +135,9 @@ class DicomReader(SlideReader):
         return plausible_mpp(col_mm * 1000, row_mm * 1000)
 
     def _objective_power(self) -> float | None:
-        for path in ("OpticalPathSequence",):
-            for item in self._ds.get(path, []):
-                if "ObjectiveLensPower" in item:
-                    return float(item.ObjectiveLensPower)
+        for optical_path in self._ds.get("OpticalPathSequence", []):
+            if "ObjectiveLensPower" in optical_path:
+                return float(optical_path.ObjectiveLensPower)
         return None
 
     def _decode_frame(self, index: int) -> np.ndarray:

@@ -8,6 +8,7 @@ tiler read with threads.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -15,9 +16,12 @@ import openslide
 from PIL import Image
 
 from histopilot.errors import CorruptSlideError
-from histopilot.slide.readers.base import ReaderMetadata, SlideReader, plausible_mpp
-
-_RESOLUTION_UNIT_MICRONS = {"centimeter": 1e4, "inch": 25_400.0}
+from histopilot.slide.readers.base import (
+    ReaderMetadata,
+    SlideReader,
+    mpp_from_resolution,
+    plausible_mpp,
+)
 
 
 def rgb_on_white(image: Image.Image) -> np.ndarray:
@@ -85,14 +89,13 @@ class OpenSlideReader(SlideReader):
         self._slide.close()
 
 
-def _mpp_from_properties(props: openslide._PropertyMap) -> tuple[float, float] | None:
+def _mpp_from_properties(props: Mapping[str, str]) -> tuple[float, float] | None:
     mpp_x = props.get(openslide.PROPERTY_NAME_MPP_X)
     mpp_y = props.get(openslide.PROPERTY_NAME_MPP_Y)
     if mpp_x and mpp_y:
         return plausible_mpp(float(mpp_x), float(mpp_y))
     # Generic TIFF: OpenSlide exposes the resolution tags but does not convert them.
-    unit = _RESOLUTION_UNIT_MICRONS.get(props.get("tiff.ResolutionUnit", ""))
     res_x, res_y = props.get("tiff.XResolution"), props.get("tiff.YResolution")
-    if unit and res_x and res_y and float(res_x) > 0 and float(res_y) > 0:
-        return plausible_mpp(unit / float(res_x), unit / float(res_y))
+    if res_x and res_y:
+        return mpp_from_resolution(props.get("tiff.ResolutionUnit", ""), float(res_x), float(res_y))
     return None

@@ -17,13 +17,13 @@ from histopilot.slide.readers.base import (
     ReaderMetadata,
     SlideReader,
     crop_padded,
-    plausible_mpp,
+    mpp_from_resolution,
 )
 
 #: Decoded bytes above which a non-tiled level is refused rather than loaded whole.
 MAX_DECODED_LEVEL_BYTES = 2 * 1024**3
 
-_RESOLUTION_UNIT_MICRONS = {2: 25_400.0, 3: 1e4}  # inch, centimeter
+_RESOLUTION_UNIT_NAMES = {2: "inch", 3: "centimeter"}  # TIFF ResolutionUnit codes
 _DEFAULT_CHANNEL_COLOURS = [(0, 0, 255), (0, 255, 0), (255, 0, 0), (255, 255, 0), (255, 0, 255)]
 
 
@@ -144,14 +144,14 @@ def _false_colour(channels: np.ndarray, colours: list[tuple[int, int, int]]) -> 
 
 def _mpp_from_page(page: tifffile.TiffPage) -> tuple[float, float] | None:
     unit_tag = page.tags.get("ResolutionUnit")
-    unit = _RESOLUTION_UNIT_MICRONS.get(int(unit_tag.value)) if unit_tag else None
     x_tag, y_tag = page.tags.get("XResolution"), page.tags.get("YResolution")
-    if not (unit and x_tag and y_tag):
+    if not (unit_tag and x_tag and y_tag):
         return None
     (x_num, x_den), (y_num, y_den) = x_tag.value, y_tag.value
-    if not (x_num and y_num and x_den and y_den):
+    if not (x_den and y_den):
         return None
-    return plausible_mpp(unit * x_den / x_num, unit * y_den / y_num)
+    unit = _RESOLUTION_UNIT_NAMES.get(int(unit_tag.value), "")
+    return mpp_from_resolution(unit, x_num / x_den, y_num / y_den)
 
 
 def _qptiff_channels(tiff: tifffile.TiffFile) -> tuple[list[str], list[tuple[int, int, int]]]:
