@@ -278,10 +278,6 @@ def demo(
         tissue = detect_tissue(slide)
         overview, downsample = slide.overview(max_size=1024)
         grid = tile_grid(slide, mpp=0.5, tile_size=256, tissue=tissue)
-        with _progress() as progress:
-            task = progress.add_task("reading tiles", total=len(grid))
-            for batch in iter_tiles(slide, grid):
-                progress.advance(task, len(batch.indices))
     outputs = {
         "slide": str(slide_path),
         "info": str(_write_json(out / "slide-info.json", info)),
