@@ -35,3 +35,19 @@ class NotBrightfieldError(HistopilotError):
 
 class OutputError(HistopilotError):
     """An output path cannot be written."""
+
+
+class ConfigError(HistopilotError):
+    """The configuration file or an environment override is missing, malformed or invalid."""
+
+
+class ModelRequiredError(HistopilotError):
+    """A task needs a language model and the role is configured ``offline``."""
+
+
+class ModelUnavailableError(HistopilotError):
+    """A configured model cannot be loaded or its server cannot be reached."""
+
+
+class StructuredOutputError(HistopilotError):
+    """The model's answer did not match the requested schema after the allowed retries."""

@@ -10,6 +10,8 @@ import pytest
 import tifffile
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+# Tests never reach a model hub: a missing model must fail at once, not after network retries.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 HEMATOXYLIN, EOSIN, DAB = (80, 60, 140), (230, 150, 190), (150, 100, 50)
 
 
@@ -63,3 +65,25 @@ def quadrant_image(width: int = 1024, height: int = 768) -> np.ndarray:
 @pytest.fixture
 def synthetic_pyramid(tmp_path: Path) -> Path:
     return write_pyramid(tmp_path / "pyramid.tif", quadrant_image())
+
+
+@pytest.fixture(scope="session")
+def taught_vlm(tmp_path_factory) -> Path:
+    """A tiny Qwen2.5-VL folder that answers two fixed prompts (see tests/tiny_models.py)."""
+    from tests.tiny_models import build_taught_vlm
+
+    return build_taught_vlm(tmp_path_factory.mktemp("tiny-vlm"))
+
+
+@pytest.fixture
+def isolated_config(tmp_path, monkeypatch):
+    """Run in an empty folder with no user config and no HISTOPILOT_* overrides.
+
+    A histopilot.toml or a HISTOPILOT_ROLES__… variable on the developer's machine must not
+    change what a configuration test sees.
+    """
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "user-config"))
+    for name in list(os.environ):
+        if name.startswith("HISTOPILOT_") and name != "HISTOPILOT_TEST_DATA":
+            monkeypatch.delenv(name)

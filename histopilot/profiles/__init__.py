@@ -1,0 +1,1 @@
+"""Built-in configuration profiles, one TOML file each (selected with ``--profile NAME``)."""
