@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -20,7 +21,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemaining
 from rich.table import Table
 
 from histopilot import __version__
+from histopilot.config import ROLE_NAMES, HistopilotConfig, available_profiles, load_config
 from histopilot.errors import HistopilotError, OutputError
+from histopilot.serve.vllm_launch import LaunchPlan, VLLMServer, plan_servers, run_servers
 from histopilot.slide import Slide, SlideInfo, detect_tissue, open_slide
 from histopilot.slide.demo import build_demo_slide
 from histopilot.slide.render import draw_regions, draw_tissue_outline, save_png
@@ -49,6 +52,22 @@ SlideMPP = Annotated[
     ),
 ]
 AsJson = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
+ConfigPath = Annotated[
+    Path | None,
+    typer.Option(
+        "--config",
+        envvar="HISTOPILOT_CONFIG",
+        help="Config file (default: ./histopilot.toml, then the user config folder).",
+    ),
+]
+Profile = Annotated[
+    str | None,
+    typer.Option(
+        "--profile",
+        envvar="HISTOPILOT_PROFILE",
+        help=f"Built-in profile under the config file: {', '.join(available_profiles())}.",
+    ),
+]
 
 
 def reports_user_errors(command: Callable[P, R]) -> Callable[P, R]:
@@ -318,6 +337,92 @@ def demo(
 def _write_json(path: Path, model: BaseModel) -> Path:
     _write_text(path, model.model_dump_json(indent=2))
     return path
+
+
+# -- models ---------------------------------------------------------------------------------
+@app.command("models")
+@reports_user_errors
+def models(config: ConfigPath = None, profile: Profile = None, as_json: AsJson = False) -> None:
+    """The resolved model configuration: each role's backend and model, and the encoders."""
+    resolved = load_config(config, profile=profile)
+    if as_json:
+        _print_json(resolved)
+        return
+    table = Table(title=f"profile: {resolved.profile}", title_justify="left")
+    for column in ("role", "backend", "model", "adapter", "served at"):
+        table.add_column(column, overflow="fold")
+    for role in ROLE_NAMES:
+        settings = resolved.roles[role]
+        offline = settings.backend == "offline"
+        table.add_row(
+            role,
+            settings.backend,
+            "(deterministic strategies)" if offline else settings.model,
+            settings.adapter or "",
+            settings.base_url or ("in this process" if not offline else ""),
+        )
+    console = Console()
+    console.print(table)
+    console.print(f"patch encoder: {resolved.encoders.patch}")
+    console.print(f"knowledge-base embedder: {resolved.encoders.kb_embedder}")
+    console.print("from: " + " + ".join(resolved.sources), highlight=False)
+
+
+@app.command("serve-llm")
+@reports_user_errors
+def serve_llm(
+    config: ConfigPath = None,
+    profile: Profile = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print the vllm serve commands; start nothing.")
+    ] = False,
+    as_json: AsJson = False,
+) -> None:
+    """Start the vLLM servers the configured 'openai' roles talk to, and wait until ready."""
+    resolved = load_config(config, profile=profile)
+    plan = plan_servers(resolved)
+    if dry_run:
+        _print_json(plan) if as_json else _print_plan(plan, resolved)
+        return
+    _print_plan(plan, resolved, to=stderr)
+    code = run_servers(
+        plan.servers,
+        startup_timeout_s=resolved.vllm.startup_timeout_s,
+        api_key=_served_api_key(resolved),
+        on_ready=_announce_ready,
+    )
+    raise typer.Exit(code=code)
+
+
+def _print_plan(plan: LaunchPlan, config: HistopilotConfig, to: Console | None = None) -> None:
+    console = to or Console(highlight=False, soft_wrap=True)
+    for server in plan.servers:
+        console.print(f"# roles {', '.join(server.roles)} → {server.model}", highlight=False)
+        for note in server.notes:
+            console.print(f"# note: {note}", highlight=False)
+        console.print(server.shell_command(), highlight=False, markup=False)
+    for role, url in plan.remote.items():
+        console.print(f"# role {role} is served by another machine ({url})", highlight=False)
+    if not plan.servers and not plan.remote:
+        console.print(f"# no role uses the 'openai' backend in profile '{config.profile}'")
+
+
+def _announce_ready(server: VLLMServer) -> None:
+    stderr.print(
+        f"ready: {server.model} for {', '.join(server.roles)} at "
+        f"http://{server.host}:{server.port}/v1",
+        highlight=False,
+    )
+
+
+def _served_api_key(config: HistopilotConfig) -> str | None:
+    names = {config.roles[role].api_key_env for role in ROLE_NAMES}
+    keys = {os.environ[name] for name in names if os.environ.get(name)}
+    if len(keys) > 1:
+        raise HistopilotError(
+            "roles served here name different API keys; one server accepts one key"
+        )
+    return keys.pop() if keys else None
 
 
 def main() -> None:
