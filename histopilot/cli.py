@@ -17,6 +17,7 @@ from typing import Annotated, ParamSpec, TypeVar
 import typer
 from pydantic import BaseModel
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 from rich.table import Table
 
@@ -78,7 +79,9 @@ def reports_user_errors(command: Callable[P, R]) -> Callable[P, R]:
         try:
             return command(*args, **kwargs)
         except HistopilotError as error:
-            stderr.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+            stderr.print(
+                f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True
+            )
             raise typer.Exit(code=2) from None
 
     return wrapper
@@ -388,7 +391,7 @@ def serve_llm(
     code = run_servers(
         plan.servers,
         startup_timeout_s=resolved.vllm.startup_timeout_s,
-        api_key=_served_api_key(resolved),
+        api_key=_served_api_key(plan, resolved),
         on_ready=_announce_ready,
     )
     raise typer.Exit(code=code)
@@ -415,8 +418,10 @@ def _announce_ready(server: VLLMServer) -> None:
     )
 
 
-def _served_api_key(config: HistopilotConfig) -> str | None:
-    names = {config.roles[role].api_key_env for role in ROLE_NAMES}
+def _served_api_key(plan: LaunchPlan, config: HistopilotConfig) -> str | None:
+    """The key the local servers should demand: the one their roles will send."""
+    served = {role for server in plan.servers for role in server.roles}
+    names = {config.roles[role].api_key_env for role in served}
     keys = {os.environ[name] for name in names if os.environ.get(name)}
     if len(keys) > 1:
         raise HistopilotError(

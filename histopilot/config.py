@@ -158,7 +158,9 @@ class VLLMConfig(_Strict):
     max_image_pixels: int = Field(
         1_003_520, gt=0, description="Qwen-VL image-token cap (pixels; ~1280 tokens)."
     )
-    max_lora_rank: int = Field(64, gt=0)
+    max_lora_rank: Literal[8, 16, 32, 64, 128, 256, 320, 512] = Field(
+        64, description="vLLM accepts only these ranks."
+    )
     tensor_parallel_size: int = Field(1, ge=1)
     pipeline_parallel_size: int = Field(1, ge=1, description=">1 spreads layers over nodes.")
     distributed_executor_backend: Literal["mp", "ray"] | None = Field(
@@ -287,6 +289,8 @@ def _environment_layer(env: dict[str, str]) -> tuple[dict[str, Any], list[str]]:
         node = layer
         for part in path[:-1]:
             node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"environment variable {name} conflicts with a shorter one")
         node[path[-1]] = value
         keys.append(name)
     return layer, keys

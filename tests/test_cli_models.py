@@ -59,6 +59,13 @@ def test_serve_llm_dry_run_json_is_the_plan():
     assert server["port"] == 8000 and server["command"][:2] == ["vllm", "serve"]
 
 
+def test_missing_vllm_message_keeps_its_install_command(monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no vllm here
+    result = runner.invoke(app, ["serve-llm", "--profile", "gpu"])
+    assert result.exit_code == 2
+    assert "pip install 'histopilot[gpu]'" in " ".join(result.stderr.split())
+
+
 def test_invalid_configuration_is_one_clear_line_and_exit_2():
     Path("histopilot.toml").write_text("[roles.describer]\nbackend = 'openai'\nmodel = 'm'\n")
     result = runner.invoke(app, ["models"])

@@ -74,6 +74,7 @@ def test_command_line_profile_beats_the_file_and_the_environment():
     assert load_config(profile="default", environ=NO_ENV).roles.describer.backend == "offline"
     env = {"HISTOPILOT_PROFILE": "default"}
     assert load_config(environ=env).roles.describer.backend == "offline"
+    assert load_config(profile="gpu", environ=env).roles.describer.backend == "openai"
 
 
 def test_environment_overrides_single_keys_with_typed_values():
@@ -99,6 +100,12 @@ def test_environment_overrides_single_keys_with_typed_values():
 def test_misspelled_environment_key_is_an_error_not_silence():
     env = {"HISTOPILOT_ROLES__DESCRIBR__MODEL": "x"}
     with pytest.raises(ConfigError, match=r"roles\.describr: unknown setting"):
+        load_config(environ=env)
+
+
+def test_conflicting_environment_variables_are_reported():
+    env = {"HISTOPILOT_ROLES__DIAGNOSER": "x", "HISTOPILOT_ROLES__DIAGNOSER__MODEL": "y"}
+    with pytest.raises(ConfigError, match="HISTOPILOT_ROLES__DIAGNOSER__MODEL conflicts"):
         load_config(environ=env)
 
 

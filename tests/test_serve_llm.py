@@ -23,7 +23,7 @@ VLLM_FLAGS_WITH_VALUE = {
     "--host", "--port", "--dtype", "--max-model-len", "--gpu-memory-utilization",
     "--limit-mm-per-prompt", "--mm-processor-kwargs", "--tool-call-parser", "--chat-template",
     "--max-lora-rank", "--max-loras", "--tensor-parallel-size", "--pipeline-parallel-size",
-    "--distributed-executor-backend",
+    "--distributed-executor-backend", "--chat-template-content-format",
 }  # fmt: skip
 VLLM_FLAGS_WITH_VALUES = {"--served-model-name", "--lora-modules"}
 VLLM_SWITCHES = {"--enable-auto-tool-choice", "--enable-lora"}
@@ -119,6 +119,18 @@ def test_remote_roles_are_left_to_their_machine():
     # On gpu-node-7 itself, the same configuration serves the diagnoser.
     there = plan_servers(load_config(profile="gpu", environ=env), this_host="gpu-node-7")
     assert any(server.roles == ["diagnoser"] for server in there.servers)
+
+
+def test_localhost_and_loopback_address_are_one_server():
+    env = {"HISTOPILOT_ROLES__DIAGNOSER__BASE_URL": "http://localhost:8000/v1"}
+    (server,) = plan_servers(load_config(profile="gpu", environ=env)).servers
+    assert "diagnoser" in server.roles and server.health_url == "http://127.0.0.1:8000/health"
+
+
+def test_base_url_without_a_usable_port_is_explained():
+    env = {"HISTOPILOT_ROLES__DIAGNOSER__BASE_URL": "http://127.0.0.1:99999/v1"}
+    with pytest.raises(ConfigError, match=r"roles\.diagnoser\.base_url must name a host and port"):
+        plan_servers(load_config(profile="gpu", environ=env))
 
 
 def test_two_models_on_one_port_is_a_configuration_error():

@@ -18,6 +18,8 @@ from tests.tiny_models import (
     RegionGrade,
     describe_question,
     grade_question,
+    save,
+    tiny_vlm,
     tissue_image,
     tool_question,
     zoom_to_region,
@@ -120,9 +122,19 @@ def test_lora_adapter_changes_only_its_own_role(taught_vlm, tmp_path):
     assert after == before
 
 
-def test_missing_adapter_folder_is_reported(taught_vlm, tmp_path):
-    chat = local_model(taught_vlm, adapter="describer-v2", adapter_path=str(tmp_path / "nowhere"))
-    with pytest.raises(ModelUnavailableError, match="LoRA adapter 'describer-v2' .* not found"):
+def test_untrained_adapter_means_the_base_model_with_a_warning(taught_vlm, tmp_path):
+    question = with_schema_instruction(grade_question(), RegionGrade)
+    chat = local_model(
+        taught_vlm, max_tokens=40, adapter="describer-v2", adapter_path=str(tmp_path / "nowhere")
+    )
+    with pytest.warns(UserWarning, match="LoRA adapter 'describer-v2' not found"):
+        assert chat.invoke(question).content == '{"grade": 2, "confidence": 0.8}'
+
+
+def test_adapter_for_another_model_is_reported(taught_vlm, tmp_path):
+    (tmp_path / "adapter_config.json").write_text('{"peft_type": "LORA"}')
+    chat = local_model(taught_vlm, adapter="broken", adapter_path=str(tmp_path))
+    with pytest.raises(ModelUnavailableError, match="cannot load LoRA adapter 'broken'"):
         chat.invoke("hi")
 
 
@@ -211,3 +223,24 @@ def test_json_is_found_inside_prose_or_fences():
     assert parse_json_object('```json\n{"a": 1}\n```') == {"a": 1}
     with pytest.raises(ValueError, match="malformed JSON"):
         parse_json_object('{"a": ')
+
+
+def test_template_that_drops_tools_is_replaced_by_the_tool_aware_one(tmp_path):
+    """Qwen2.5-VL ships a chat template without tools; the backend must still show them."""
+    from langchain_core.utils.function_calling import convert_to_openai_tool
+
+    model, processor = tiny_vlm()
+    plain = (
+        "{% for m in messages %}<|im_start|>{{ m.role }}\n"
+        "{% for c in m.content %}{% if c.type == 'text' %}{{ c.text }}{% endif %}{% endfor %}"
+        "<|im_end|>\n{% endfor %}<|im_start|>assistant\n"
+    )
+    processor.chat_template = plain
+    processor.tokenizer.chat_template = plain
+    folder = save(model, processor, tmp_path / "shipped-template")
+    chat = local_model(folder)
+
+    inputs = chat.encode_prompt(tool_question(), [convert_to_openai_tool(zoom_to_region)])
+    prompt = chat.local_model().tokenizer.decode(inputs["input_ids"][0])
+    assert '"name": "zoom_to_region"' in prompt
+    assert "<tool_call>" in prompt and "<|vision_start|>" in prompt

@@ -20,7 +20,7 @@ from langchain_core.outputs import ChatGenerationChunk, ChatResult
 from langchain_openai import ChatOpenAI
 
 from histopilot.config import RoleConfig
-from histopilot.errors import HistopilotError, ModelUnavailableError
+from histopilot.errors import HistopilotError, ModelUnavailableError, StructuredOutputError
 from histopilot.serve.families import family_of
 
 NO_API_KEY = "EMPTY"
@@ -40,6 +40,18 @@ class OpenAIChatModel(ChatOpenAI):
     def _explained_errors(self) -> Iterator[None]:
         try:
             yield
+        except openai.APITimeoutError as error:
+            raise ModelUnavailableError(
+                f"the model server at {self.openai_api_base} did not answer role "
+                f"'{self.histopilot_role}' within {self.request_timeout} s (after "
+                f"{self.max_retries} retries); raise roles.{self.histopilot_role}.timeout_s or "
+                "lower max_tokens"
+            ) from error
+        except openai.LengthFinishReasonError as error:
+            raise StructuredOutputError(
+                f"role '{self.histopilot_role}' ran out of tokens before finishing its structured "
+                f"answer; raise roles.{self.histopilot_role}.max_tokens"
+            ) from error
         except openai.APIConnectionError as error:
             raise ModelUnavailableError(
                 f"cannot reach the model server for role '{self.histopilot_role}' at "
@@ -111,8 +123,6 @@ def openai_chat_model(role: str, settings: RoleConfig) -> OpenAIChatModel:
 
 
 def _reason(error: openai.APIConnectionError) -> str:
-    if isinstance(error, openai.APITimeoutError):
-        return "timed out"
     cause = error.__cause__
     return str(cause) if cause else "connection failed"
 

@@ -18,6 +18,7 @@ import json
 import re
 import threading
 import uuid
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,21 +81,31 @@ class LocalModel:
         Hold ``lock``: adapters are state on the shared model. PEFT injects the adapter layers
         into the model in place, so ``model.generate`` runs through whichever one is active.
         """
+        folder = Path(path).expanduser() if path else None
+        known = self.peft is not None and name in self.peft.peft_config
+        trained = folder is not None and (folder / "adapter_config.json").is_file()
+        if name is not None and not known and not trained:
+            # Same rule as `histopilot serve-llm`: an adapter not trained yet is the base model.
+            warnings.warn(
+                f"LoRA adapter '{name}' not found at {path!r}; {self.name} answers without it",
+                stacklevel=4,
+            )
+            name = None
         if name is None:
             with self.peft.disable_adapter() if self.peft else contextlib.nullcontext():
                 yield
             return
-        if self.peft is None or name not in self.peft.peft_config:
-            folder = Path(path or "").expanduser()
-            if not path or not (folder / "adapter_config.json").is_file():
+        if not known:
+            try:
+                if self.peft is None:
+                    self.peft = PeftModel.from_pretrained(self.model, folder, adapter_name=name)
+                else:
+                    self.peft.load_adapter(folder, adapter_name=name)
+            except (OSError, ValueError, RuntimeError, KeyError) as error:
                 raise ModelUnavailableError(
-                    f"LoRA adapter '{name}' for {self.name} not found at {path!r}: set the "
-                    "role's adapter_path to a PEFT adapter folder (adapter_config.json)"
-                )
-            if self.peft is None:
-                self.peft = PeftModel.from_pretrained(self.model, str(folder), adapter_name=name)
-            else:
-                self.peft.load_adapter(str(folder), adapter_name=name)
+                    f"cannot load LoRA adapter '{name}' from {folder} into {self.name}: "
+                    f"{_first_line(error)} (is it an adapter for this base model?)"
+                ) from None
         self.peft.set_adapter(name)
         yield
 
@@ -106,7 +117,10 @@ _LOADING = threading.Lock()
 def load_local_model(name: str, *, device: str = "auto", dtype: str = "auto") -> LocalModel:
     """Load ``name`` (a local folder or a cached hub id) once per process and share it."""
     device = _resolve_device(device)
-    key = (name, device, dtype)
+    key = (str(Path(name).expanduser().resolve()) if Path(name).expanduser().exists() else name,
+           device, dtype)  # fmt: skip
+    if key in _LOADED:  # loaded models are never replaced, so this read needs no lock
+        return _LOADED[key]
     with _LOADING:
         if key not in _LOADED:
             _LOADED[key] = _load(name, device, dtype)
@@ -133,7 +147,7 @@ def _load(name: str, device: str, dtype: str) -> LocalModel:
 
     source = str(Path(name).expanduser()) if Path(name).expanduser().exists() else name
     try:
-        config = AutoConfig.from_pretrained(source)
+        config = AutoConfig.from_pretrained(source, local_files_only=True)
     except (OSError, ValueError) as error:
         raise ModelUnavailableError(
             f"cannot load model '{name}': it is not a model folder and not in the local Hugging "
@@ -146,11 +160,15 @@ def _load(name: str, device: str, dtype: str) -> LocalModel:
         torch_dtype = torch.float32 if dtype == "auto" else getattr(torch, dtype)
     try:
         if vision:
-            processor = AutoProcessor.from_pretrained(source)
-            model = AutoModelForImageTextToText.from_pretrained(source, dtype=torch_dtype)
+            processor = AutoProcessor.from_pretrained(source, local_files_only=True)
+            model = AutoModelForImageTextToText.from_pretrained(
+                source, dtype=torch_dtype, local_files_only=True
+            )
         else:
-            processor = AutoTokenizer.from_pretrained(source)
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)
+            processor = AutoTokenizer.from_pretrained(source, local_files_only=True)
+            model = AutoModelForCausalLM.from_pretrained(
+                source, dtype=torch_dtype, local_files_only=True
+            )
     except (OSError, ValueError) as error:
         raise ModelUnavailableError(f"cannot load model '{name}': {_first_line(error)}") from None
     model.to(device).eval()
@@ -270,7 +288,9 @@ class TransformersChatModel(BaseChatModel):
         return local.processor.apply_chat_template(
             to_hf_chat(messages, vision=local.vision, model_name=local.name),
             tools=tools,
-            chat_template=local.tools_template if tools else None,
+            # Once a conversation has tool calls, every turn needs the tool-aware template, with
+            # or without tools on offer; vLLM uses it for every request too.
+            chat_template=local.tools_template,
             add_generation_prompt=True,
             tokenize=True,
             return_dict=True,
@@ -284,7 +304,9 @@ class TransformersChatModel(BaseChatModel):
         kwargs: dict[str, Any] = {
             "max_new_tokens": self.settings.max_tokens,
             "do_sample": sampling,
-            "pad_token_id": local.tokenizer.pad_token_id or local.tokenizer.eos_token_id,
+            "pad_token_id": local.tokenizer.eos_token_id
+            if local.tokenizer.pad_token_id is None
+            else local.tokenizer.pad_token_id,
         }
         if sampling:
             kwargs.update(temperature=self.settings.temperature, top_p=self.settings.top_p)
@@ -347,6 +369,7 @@ def _hf_content(message: BaseMessage, vision: bool, model_name: str) -> Any:
             items.append({"type": "image", "image": decode_image_part(part)})
         elif isinstance(part, dict) and part.get("type") == "text":
             items.append({"type": "text", "text": part.get("text", "")})
+    items = [item for item in items if item["type"] != "text" or item["text"]]
     if vision:
         return items
     return "".join(item["text"] for item in items)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shlex
 import shutil
@@ -28,7 +29,8 @@ from histopilot.config import ROLE_NAMES, HistopilotConfig, RoleConfig
 from histopilot.errors import ConfigError, HistopilotError
 from histopilot.serve.families import family_of
 
-LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1", "0.0.0.0"}
+LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
+LOCAL_HOSTS = LOOPBACK_HOSTS | {"0.0.0.0", "::"}
 
 
 class VLLMServer(BaseModel):
@@ -46,6 +48,7 @@ class VLLMServer(BaseModel):
     @property
     def health_url(self) -> str:
         host = "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host
+        host = f"[{host}]" if ":" in host else host
         return f"http://{host}:{self.port}/health"
 
     def shell_command(self) -> str:
@@ -69,7 +72,11 @@ def plan_servers(config: HistopilotConfig, *, this_host: str | None = None) -> L
         if settings.backend != "openai":
             continue
         address = urlsplit(settings.base_url or "")
-        if not address.hostname or not address.port:
+        try:
+            port = address.port
+        except ValueError:
+            port = None
+        if not address.hostname or not port:
             raise ConfigError(
                 f"roles.{role}.base_url must name a host and port to serve it here, e.g. "
                 f"http://127.0.0.1:8000/v1 (got {settings.base_url!r})"
@@ -77,8 +84,11 @@ def plan_servers(config: HistopilotConfig, *, this_host: str | None = None) -> L
         if address.hostname not in local_names:
             remote[role] = settings.base_url or ""
             continue
-        groups.setdefault((address.hostname, address.port), []).append((role, settings))
-    share = config.vllm.gpu_memory_utilization / max(len(groups), 1)
+        # localhost and 127.0.0.1 are one address: roles on either share one server.
+        host = "127.0.0.1" if address.hostname in LOOPBACK_HOSTS else address.hostname
+        groups.setdefault((host, port), []).append((role, settings))
+    # Rounded down, so the shares of servers on one GPU never add up to more than asked.
+    share = math.floor(100 * config.vllm.gpu_memory_utilization / max(len(groups), 1)) / 100
     servers = [
         _server_for(host, port, members, config, share)
         for (host, port), members in sorted(groups.items())
@@ -143,7 +153,8 @@ def _server_for(
         )
     template = family.tools_template_path()
     if template is not None:
-        command += ["--chat-template", str(template)]
+        # The template walks content parts through a macro; say so rather than let vLLM guess.
+        command += ["--chat-template", str(template), "--chat-template-content-format", "openai"]
     if lora_modules:
         command += ["--enable-lora", "--max-lora-rank", str(vllm.max_lora_rank)]
         command += ["--max-loras", str(len(lora_modules))]
@@ -205,9 +216,10 @@ def run_servers(
         env["VLLM_API_KEY"] = api_key
     processes: list[subprocess.Popen] = []
     try:
+        # One at a time: servers sharing a GPU must not measure free memory while another loads.
         for server in servers:
-            processes.append(subprocess.Popen([executable, *server.command[1:]], env=env))
-        for server, process in zip(servers, processes, strict=True):
+            process = subprocess.Popen([executable, *server.command[1:]], env=env)
+            processes.append(process)
             _wait_healthy(server, process, startup_timeout_s, poll_s)
             on_ready(server)
         while True:
