@@ -22,15 +22,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from histopilot.config import RoleConfig
 from histopilot.serve.openai_backend import openai_chat_model
 from histopilot.serve.transformers_backend import TransformersChatModel
 from tests.openai_stub import OpenAIStub
-from tests.tiny_models import describe_question, save, tiny_vlm, tissue_image
+from tests.tiny_models import describe_question, plain_describe, save, tiny_vlm
 
 MAX_TOKENS = 16
 
@@ -51,28 +49,9 @@ def transformers_pair(folder: Path, repeats: int) -> tuple[float, float]:
         settings=RoleConfig(backend="transformers", model=str(folder), max_tokens=MAX_TOKENS),
     )
     local = chat.local_model()
-    model, processor = local.model, local.processor
-    conversation = [
-        {
-            "role": "user",
-            "content": [
-                {"type": "text", "text": "Describe."},
-                {"type": "image", "image": tissue_image()},
-            ],
-        }
-    ]
 
     def raw() -> str:
-        inputs = processor.apply_chat_template(
-            conversation,
-            add_generation_prompt=True,
-            tokenize=True,
-            return_dict=True,
-            return_tensors="pt",
-        )
-        with torch.inference_mode():
-            output = model.generate(**inputs, max_new_tokens=MAX_TOKENS, do_sample=False)
-        return processor.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        return plain_describe(local.model, local.processor, MAX_TOKENS)[0]
 
     messages = describe_question()
     return median_ms(lambda: chat.invoke(messages), repeats), median_ms(raw, repeats)

@@ -18,9 +18,9 @@ from tests.tiny_models import (
     RegionGrade,
     describe_question,
     grade_question,
+    plain_describe,
     save,
     tiny_vlm,
-    tissue_image,
     tool_question,
     zoom_to_region,
 )
@@ -37,31 +37,13 @@ def test_image_and_text_answer_is_exactly_what_the_model_generates(taught_vlm):
     chat = local_model(taught_vlm, max_tokens=12)
     answer = chat.invoke(describe_question())
 
-    # The same prompt through plain transformers, as a user would run it by hand.
     processor = AutoProcessor.from_pretrained(taught_vlm)
     model = AutoModelForImageTextToText.from_pretrained(taught_vlm, dtype=torch.float32)
-    conversation = [
-        {
-            "role": "user",
-            "content": [
-                {"type": "text", "text": "Describe."},
-                {"type": "image", "image": tissue_image()},
-            ],
-        }
-    ]
-    inputs = processor.apply_chat_template(
-        conversation,
-        add_generation_prompt=True,
-        tokenize=True,
-        return_dict=True,
-        return_tensors="pt",
-    )
-    output = model.generate(**inputs, max_new_tokens=12, do_sample=False)
-    expected = processor.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    expected, prompt_tokens, new_tokens = plain_describe(model, processor, max_new_tokens=12)
 
     assert answer.content == expected.strip()
-    assert answer.usage_metadata["input_tokens"] == inputs["input_ids"].shape[1]
-    assert answer.usage_metadata["output_tokens"] == output.shape[1] - inputs["input_ids"].shape[1]
+    assert answer.usage_metadata["input_tokens"] == prompt_tokens
+    assert answer.usage_metadata["output_tokens"] == new_tokens
 
 
 def test_tool_call_comes_back_as_a_langchain_tool_call(taught_vlm):

@@ -174,6 +174,27 @@ def describe_question() -> list[BaseMessage]:
     return [HumanMessage(content=[text, image_part(tissue_image())])]
 
 
+def plain_describe(model, processor, max_new_tokens: int) -> tuple[str, int, int]:
+    """``describe_question`` answered by plain transformers, as a user would run it by hand.
+
+    Returns the decoded answer, the prompt's token count and the number of generated tokens.
+    """
+    image = {"type": "image", "image": tissue_image()}
+    conversation = [{"role": "user", "content": [{"type": "text", "text": "Describe."}, image]}]
+    inputs = processor.apply_chat_template(
+        conversation,
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=True,
+        return_tensors="pt",
+    )
+    prompt_tokens = inputs["input_ids"].shape[1]
+    with torch.inference_mode():
+        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    answer = processor.decode(output[0, prompt_tokens:], skip_special_tokens=True)
+    return answer, prompt_tokens, output.shape[1] - prompt_tokens
+
+
 def grade_question() -> list[BaseMessage]:
     return [HumanMessage("Grade this region.")]
 
