@@ -38,6 +38,10 @@ app = typer.Typer(
 )
 slide_app = typer.Typer(help="Whole-slide images: info, tissue, tiles, thumbnails.")
 app.add_typer(slide_app, name="slide", no_args_is_help=True)
+index_app = typer.Typer(help="Patch indexes for similar-tissue search: build, add, remove.")
+app.add_typer(index_app, name="index", no_args_is_help=True)
+kb_app = typer.Typer(help="Knowledge bases of ontologies, tumour trees and documents.")
+app.add_typer(kb_app, name="kb", no_args_is_help=True)
 
 stderr = Console(stderr=True)
 P = ParamSpec("P")
@@ -428,6 +432,310 @@ def _served_api_key(plan: LaunchPlan, config: HistopilotConfig) -> str | None:
             "roles served here name different API keys; one server accepts one key"
         )
     return keys.pop() if keys else None
+
+
+# -- index and search -----------------------------------------------------------------------
+IndexPath = Annotated[Path, typer.Argument(help="Index folder.")]
+Slides = Annotated[list[Path], typer.Argument(help="Slide files to embed and index.")]
+EncoderName = Annotated[
+    str | None,
+    typer.Option("--encoder", help="Patch encoder (default: [encoders] patch in the config)."),
+]
+Device = Annotated[
+    str | None, typer.Option("--device", help="cpu, cuda or cuda:N (default: auto).")
+]
+Label = Annotated[
+    str | None, typer.Option("--label", help="Label stored with every patch of these slides.")
+]
+
+
+@index_app.command("build")
+@reports_user_errors
+def index_build(
+    slides: Slides,
+    out: Annotated[Path, typer.Option("--out", help="New index folder.")],
+    encoder: EncoderName = None,
+    kind: Annotated[
+        str, typer.Option("--kind", help="flat (exact), hnsw or ivfpq (large collections).")
+    ] = "flat",
+    label: Label = None,
+    slide_mpp: SlideMPP = None,
+    device: Device = None,
+    config: ConfigPath = None,
+    as_json: AsJson = False,
+) -> None:
+    """Embed the tissue tiles of SLIDES and index them for similar-patch and slide search."""
+    from histopilot.retrieval.patch_index import PatchIndex
+    from histopilot.retrieval.vectors import INDEX_KINDS
+
+    if kind not in INDEX_KINDS:
+        raise HistopilotError(f"unknown index kind {kind!r}; choose one of {INDEX_KINDS}.")
+    from histopilot.retrieval.storage import atomic_directory
+
+    patch_encoder = _patch_encoder(encoder, device, config)
+    if (out / "manifest.json").exists():
+        raise HistopilotError(
+            f"{out} already holds an index; add to it with `histopilot index add`."
+        )
+    # Built aside and moved into place at the end: a failed build leaves nothing behind.
+    with atomic_directory(out) as building:
+        index = PatchIndex.create(
+            building, encoder=patch_encoder.name, dim=patch_encoder.dim, kind=kind
+        )
+        added = _index_slides(index, patch_encoder, slides, label, slide_mpp)
+    summary = {"index": str(out), "encoder": patch_encoder.name, "added": added}
+    _report(summary | {"patches": len(index)}, as_json, f"indexed {added} → {out}")
+
+
+@index_app.command("add")
+@reports_user_errors
+def index_add(
+    index_path: IndexPath,
+    slides: Slides,
+    label: Label = None,
+    slide_mpp: SlideMPP = None,
+    device: Device = None,
+    as_json: AsJson = False,
+) -> None:
+    """Add SLIDES to an index (a slide already there is replaced), with its own encoder."""
+    from histopilot.retrieval.encoders import load_encoder
+    from histopilot.retrieval.patch_index import PatchIndex
+
+    index = PatchIndex.open(index_path)
+    patch_encoder = load_encoder(index.encoder, device=device)
+    added = _index_slides(index, patch_encoder, slides, label, slide_mpp)
+    summary = {"index": str(index_path), "encoder": patch_encoder.name, "added": added}
+    _report(summary | {"patches": len(index)}, as_json, f"indexed {added} → {index_path}")
+
+
+@index_app.command("remove")
+@reports_user_errors
+def index_remove(
+    index_path: IndexPath,
+    slide_ids: Annotated[list[str], typer.Argument(help="Slide ids (file names without suffix).")],
+    as_json: AsJson = False,
+) -> None:
+    """Remove every patch of the given slides."""
+    from histopilot.retrieval.patch_index import PatchIndex
+
+    index = PatchIndex.open(index_path)
+    removed = {slide_id: index.remove_slide(slide_id) for slide_id in slide_ids}
+    _report({"removed": removed, "patches": len(index)}, as_json, f"{removed}; {len(index)} left")
+
+
+@index_app.command("rebuild")
+@reports_user_errors
+def index_rebuild(
+    index_path: IndexPath,
+    kind: Annotated[str | None, typer.Option("--kind", help="Switch to another kind.")] = None,
+    as_json: AsJson = False,
+) -> None:
+    """Rebuild the search structure from the metadata table (repairs an interrupted write)."""
+    from histopilot.retrieval.patch_index import PatchIndex
+
+    index = PatchIndex.open(index_path, check=False)
+    index.rebuild(kind)  # type: ignore[arg-type]
+    info = index.info()
+    _report(info, as_json, f"rebuilt {index_path}: {len(index)} patches ({info['kind']})")
+
+
+@index_app.command("info")
+@reports_user_errors
+def index_info(index_path: IndexPath, as_json: AsJson = False) -> None:
+    """The index's encoder, kind, size and slides."""
+    from histopilot.retrieval.patch_index import PatchIndex
+
+    info = PatchIndex.open(index_path).info()
+    slides = ", ".join(f"{s['slide_id']} ({s['patches']})" for s in info["slides"])
+    _report(info, as_json, f"{info['count']} patches, {info['encoder']}, {info['kind']}: {slides}")
+
+
+def _patch_encoder(name: str | None, device: str | None, config: Path | None):
+    from histopilot.retrieval.encoders import load_encoder
+
+    return load_encoder(name or load_config(config).encoders.patch, device=device)
+
+
+def _index_slides(index, encoder, slides, label, slide_mpp) -> dict[str, int]:
+    """Embed each slide (cached in the index's ``features`` folder) and add it."""
+    from histopilot.retrieval.features import embed_slide
+
+    added = {}
+    with _progress() as progress:
+        for path in slides:
+            task = progress.add_task(path.name, total=None)
+
+            def advance(done: int, total: int, task=task) -> None:
+                progress.update(task, completed=done, total=total)
+
+            with open_slide(path, mpp=slide_mpp) as slide:
+                features = embed_slide(
+                    slide, encoder, cache_dir=index.path / "features", progress=advance
+                )
+            added[features.slide_id] = index.add_slide(features, label=label)
+    return added
+
+
+def _report(data: dict, as_json: bool, line: str) -> None:
+    if as_json:
+        _print_json(data)
+    else:
+        stderr.print(line, highlight=False, soft_wrap=True)
+
+
+@app.command("search")
+@reports_user_errors
+def search(
+    index_path: IndexPath,
+    image: Annotated[Path | None, typer.Option("--image", help="Query image file.")] = None,
+    slide_path: Annotated[Path | None, typer.Option("--slide", help="Query slide.")] = None,
+    region: Annotated[
+        str | None, typer.Option("--region", help="x,y,w,h (level 0) of --slide to match.")
+    ] = None,
+    text: Annotated[str | None, typer.Option("--text", help="Describe the tissue.")] = None,
+    k: Annotated[int, typer.Option("-k", min=1, max=1000, help="Results to return.")] = 10,
+    slide_mpp: SlideMPP = None,
+    device: Device = None,
+    as_json: AsJson = False,
+) -> None:
+    """Similar patches to an image, a slide region or a text; similar slides to a slide."""
+    from histopilot.retrieval.encoders import load_encoder
+    from histopilot.retrieval.features import embed_slide
+    from histopilot.retrieval.patch_index import PatchIndex
+    from histopilot.retrieval.search import (
+        load_query_image,
+        region_tiles,
+        search_patches,
+        search_slides,
+    )
+
+    if region is not None and slide_path is None:
+        raise HistopilotError("--region needs --slide.")
+    if sum(q is not None for q in (image, slide_path, text)) != 1:
+        raise HistopilotError(
+            "give exactly one query: --image, --slide (with or without --region) or --text."
+        )
+    index = PatchIndex.open(index_path)
+    encoder = load_encoder(index.encoder, device=device)
+    if slide_path is not None and region is None:
+        with open_slide(slide_path, mpp=slide_mpp) as slide:
+            features = embed_slide(slide, encoder, cache_dir=index.path / "features")
+        slides = search_slides(index, features, k=k)
+        _print_hits({"query": str(slide_path), "slides": [s.model_dump() for s in slides]}, as_json)
+        return
+    if text is not None:
+        queries = encoder.encode_text([text])
+    elif image is not None:
+        queries = encoder.encode_images([load_query_image(image)])
+    else:
+        with open_slide(slide_path, mpp=slide_mpp) as slide:
+            queries = encoder.encode_images(region_tiles(slide, encoder, *_parse_region(region)))
+    hits = search_patches(index, queries, k)
+    _print_hits({"patches": [hit.model_dump() for hit in hits]}, as_json)
+
+
+def _parse_region(text: str) -> tuple[int, int, int, int]:
+    try:
+        x, y, width, height = (int(part) for part in text.split(","))
+    except ValueError:
+        raise HistopilotError(f"--region takes x,y,w,h in level-0 pixels, got {text!r}.") from None
+    return x, y, width, height
+
+
+def _print_hits(result: dict, as_json: bool) -> None:
+    if as_json:
+        _print_json(result)
+        return
+    rows = result.get("patches") or result.get("slides") or []
+    table = Table(title_justify="left")
+    columns = (
+        ("rank", "score", "slide_id", "x", "y", "label")
+        if "patches" in result
+        else ("rank", "slide_id", "votes", "median_similarity", "label")
+    )
+    for column in columns:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*(_cell(row[c]) for c in columns))
+    Console().print(table)
+
+
+def _cell(value: object) -> str:
+    return f"{value:.3f}" if isinstance(value, float) else "" if value is None else str(value)
+
+
+# -- knowledge base -------------------------------------------------------------------------
+@kb_app.command("build")
+@reports_user_errors
+def kb_build(
+    sources: Annotated[
+        list[Path],
+        typer.Argument(help="OBO ontologies, OncoTree JSON, Markdown/text/PDF files or folders."),
+    ],
+    out: Annotated[Path, typer.Option("--out", help="Knowledge-base folder to write.")],
+    embedder: Annotated[
+        str | None,
+        typer.Option("--embedder", help="sentence-transformers model (default: config)."),
+    ] = None,
+    device: Device = None,
+    config: ConfigPath = None,
+    as_json: AsJson = False,
+) -> None:
+    """Build a hybrid (dense + BM25) knowledge base from SOURCES."""
+    from histopilot.retrieval.kb import KnowledgeBase, load_sources
+
+    passages = load_sources(sources)
+    name = embedder or load_config(config).encoders.kb_embedder
+    with _progress() as progress:
+        task = progress.add_task("embedding", total=len(passages))
+        kb = KnowledgeBase.build(
+            passages,
+            out,
+            embedder=name,
+            device=device,
+            progress=lambda done, total: progress.update(task, completed=done, total=total),
+        )
+    manifest = kb.manifest.model_dump(mode="json")
+    _report(manifest | {"path": str(out)}, as_json, f"{len(kb)} passages ({name}) → {out}")
+
+
+@kb_app.command("query")
+@reports_user_errors
+def kb_query(
+    kb_path: Annotated[Path, typer.Argument(help="Knowledge-base folder.")],
+    question: Annotated[str, typer.Argument(help="What to look up.")],
+    k: Annotated[int, typer.Option("-k", min=1, max=100, help="Passages to return.")] = 5,
+    mode: Annotated[str, typer.Option("--mode", help="hybrid, dense or bm25.")] = "hybrid",
+    reranker: Annotated[
+        str | None, typer.Option("--reranker", help="Cross-encoder to re-score with.")
+    ] = None,
+    as_json: AsJson = False,
+) -> None:
+    """The passages that best answer QUESTION, with their sources."""
+    from histopilot.retrieval.kb import KnowledgeBase
+
+    if mode not in ("hybrid", "dense", "bm25"):
+        raise HistopilotError(f"unknown mode {mode!r}; choose hybrid, dense or bm25.")
+    hits = KnowledgeBase.open(kb_path, reranker=reranker).query(question, k, mode=mode)  # type: ignore[arg-type]
+    if as_json:
+        _print_json({"query": question, "hits": [hit.model_dump(mode="json") for hit in hits]})
+        return
+    console = Console()
+    for hit in hits:
+        source = hit.passage.source
+        where = (
+            source.ontology_id
+            or source.code
+            or (
+                f"{source.file}:{source.char_start}"
+                if source.char_start is not None
+                else source.file
+            )
+        )
+        console.print(
+            f"[bold]{hit.rank}. {escape(hit.passage.title)}[/] ({escape(where)}, {hit.score:.3f})"
+        )
+        console.print(escape(hit.passage.text[:300]), highlight=False)
 
 
 def main() -> None:

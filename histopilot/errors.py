@@ -51,3 +51,19 @@ class ModelUnavailableError(HistopilotError):
 
 class StructuredOutputError(HistopilotError):
     """The model's answer did not match the requested schema after the allowed retries."""
+
+
+class EncoderError(HistopilotError):
+    """A patch or text encoder is unknown, cannot be loaded, or cannot do what was asked."""
+
+
+class SearchIndexError(HistopilotError):
+    """A patch or knowledge index is missing, corrupt, empty or built for another encoder."""
+
+
+class KnowledgeSourceError(HistopilotError):
+    """An ontology, tumour tree or document given to the knowledge base cannot be read."""
+
+
+class ImageInputError(HistopilotError):
+    """A query image is missing, not an image, or too large."""

@@ -59,31 +59,40 @@ class TileGrid:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(path.name + ".partial")
             with h5py.File(tmp, "w") as handle:
-                coords = handle.create_dataset("coords", data=self.coords)
-                coords.attrs.update(
-                    {
-                        "patch_size": self.tile_size,
-                        "patch_size_level0": self.size_level0,
-                        "patch_level": self.read_level,
-                        "downsample": self.downsample,
-                        "target_mpp": self.target_mpp if self.target_mpp else np.nan,
-                        "level0_mpp": self.slide_mpp if self.slide_mpp else np.nan,
-                        "overlap": self.overlap,
-                        "slide_path": self.slide_path,
-                    }
-                )
-                handle.create_dataset("tissue_fraction", data=self.tissue_fraction)
+                self.write_coords(handle)
             tmp.replace(path)
         except OSError as error:
             raise OutputError(f"cannot write {path}: {error.strerror or error}") from error
         return path
 
+    def write_coords(self, handle: h5py.File) -> None:
+        """Add ``coords`` (geometry in its attributes) and ``tissue_fraction`` to ``handle``."""
+        coords = handle.create_dataset("coords", data=self.coords)
+        coords.attrs.update(
+            {
+                "patch_size": self.tile_size,
+                "patch_size_level0": self.size_level0,
+                "patch_level": self.read_level,
+                "downsample": self.downsample,
+                "target_mpp": self.target_mpp if self.target_mpp else np.nan,
+                "level0_mpp": self.slide_mpp if self.slide_mpp else np.nan,
+                "overlap": self.overlap,
+                "slide_path": self.slide_path,
+            }
+        )
+        handle.create_dataset("tissue_fraction", data=self.tissue_fraction)
+
     @classmethod
     def load_h5(cls, path: str | Path) -> TileGrid:
         with h5py.File(path, "r") as handle:
-            attrs = dict(handle["coords"].attrs)
-            coords = handle["coords"][:]
-            fractions = handle["tissue_fraction"][:] if "tissue_fraction" in handle else None
+            return cls.load_h5_handle(handle)
+
+    @classmethod
+    def load_h5_handle(cls, handle: h5py.File) -> TileGrid:
+        """The grid stored in an open file by ``write_coords``."""
+        attrs = dict(handle["coords"].attrs)
+        coords = handle["coords"][:]
+        fractions = handle["tissue_fraction"][:] if "tissue_fraction" in handle else None
 
         def optional(value: float) -> float | None:
             return None if np.isnan(value) else float(value)

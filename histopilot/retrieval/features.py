@@ -1,0 +1,150 @@
+"""Embed a slide's tiles with a patch encoder, cached per slide as HDF5 ``features`` + ``coords``.
+
+The cache file follows the layout patch-feature tools in the field share (CLAM, TRIDENT):
+``features`` (N, dim) float32 beside ``coords`` (N, 2) level-0 x/y, with the tile geometry as
+attributes of ``coords``. The file also records the encoder and the slide's size and
+modification time; a cache whose record matches is reused, anything else is recomputed, and
+the file is written under a temporary name first, so an interrupted run never leaves a
+truncated cache that looks valid.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from histopilot.retrieval.encoders.base import PatchEncoder
+from histopilot.retrieval.storage import atomic_file
+from histopilot.slide import Slide
+from histopilot.slide.tiling import TileGrid, iter_tiles, tile_grid
+
+CACHE_FORMAT = 1
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class SlideFeatures:
+    """One slide's tile embeddings and where each tile is."""
+
+    slide_id: str
+    slide_path: str
+    encoder: str
+    features: np.ndarray  # float32 (N, dim), unit length
+    coords: np.ndarray  # int64 (N, 2), level-0 x, y of each tile's top-left corner
+    size_level0: int  # level-0 pixels per tile side
+    mpp: float | None  # µm/px the tiles were read at
+
+    def __len__(self) -> int:
+        return len(self.coords)
+
+
+def slide_id_of(path: str | Path) -> str:
+    """The id a slide is known by in indexes and caches: its file name without extension."""
+    path = Path(path)
+    return path.name if path.is_dir() else path.name.split(".")[0]
+
+
+def embed_slide(
+    slide: Slide,
+    encoder: PatchEncoder,
+    *,
+    cache_dir: str | Path | None = None,
+    min_tissue: float = 0.5,
+    batch_size: int = 64,
+    workers: int | None = None,
+    progress: Progress | None = None,
+) -> SlideFeatures:
+    """Embed the tissue tiles of ``slide`` at the encoder's resolution and tile size.
+
+    With ``cache_dir``, ``<cache_dir>/<slide id>.h5`` is reused when it was made by the same
+    encoder from the same file, and written otherwise.
+    """
+    cache = Path(cache_dir) / f"{slide_id_of(slide.path)}.h5" if cache_dir else None
+    if cache is not None:
+        cached = _read_cache(cache, slide, encoder, min_tissue)
+        if cached is not None:
+            if progress:
+                progress(len(cached), len(cached))
+            return cached
+    grid = tile_grid(slide, mpp=encoder.mpp, tile_size=encoder.tile_size, min_tissue=min_tissue)
+    features = np.zeros((len(grid), encoder.dim), np.float32)
+    for batch in iter_tiles(slide, grid, batch_size=batch_size, workers=workers):
+        features[batch.indices] = encoder.encode_images(batch.images, batch_size=batch_size)
+        if progress:
+            progress(int(batch.indices[-1]) + 1, len(grid))
+    if progress and len(grid) == 0:
+        progress(0, 0)
+    result = SlideFeatures(
+        slide_id=slide_id_of(slide.path),
+        slide_path=str(slide.path),
+        encoder=encoder.name,
+        features=features,
+        coords=grid.coords,
+        size_level0=grid.size_level0,
+        mpp=grid.target_mpp,
+    )
+    if cache is not None:
+        _write_cache(cache, result, grid, slide, min_tissue)
+    return result
+
+
+def _fingerprint(slide: Slide, encoder_name: str, min_tissue: float) -> dict[str, object]:
+    stat = slide.path.stat()
+    return {
+        "format": CACHE_FORMAT,
+        "encoder": encoder_name,
+        "slide_path": str(slide.path.resolve()),
+        "slide_bytes": stat.st_size,
+        "slide_mtime_ns": stat.st_mtime_ns,
+        "min_tissue": min_tissue,
+    }
+
+
+def _write_cache(
+    path: Path, result: SlideFeatures, grid: TileGrid, slide: Slide, min_tissue: float
+) -> None:
+    with atomic_file(path) as tmp, h5py.File(tmp, "w") as handle:
+        grid.write_coords(handle)
+        handle.create_dataset("features", data=result.features)
+        handle.attrs.update(_fingerprint(slide, result.encoder, min_tissue))
+
+
+def _read_cache(
+    path: Path, slide: Slide, encoder: PatchEncoder, min_tissue: float
+) -> SlideFeatures | None:
+    """The cached features, or ``None`` when absent, stale, unreadable or inconsistent."""
+    if not path.is_file():
+        return None
+    expected = _fingerprint(slide, encoder.name, min_tissue)
+    try:
+        with h5py.File(path, "r") as handle:
+            attrs = dict(handle.attrs)
+            if any(_differs(attrs.get(key), value) for key, value in expected.items()):
+                return None
+            features = handle["features"][:]
+            grid = TileGrid.load_h5_handle(handle)
+    except (OSError, KeyError, ValueError):
+        return None
+    if features.shape != (len(grid), encoder.dim) or grid.tile_size != encoder.tile_size:
+        return None
+    return SlideFeatures(
+        slide_id=slide_id_of(slide.path),
+        slide_path=str(slide.path),
+        encoder=encoder.name,
+        features=features.astype(np.float32, copy=False),
+        coords=grid.coords,
+        size_level0=grid.size_level0,
+        mpp=grid.target_mpp,
+    )
+
+
+def _differs(stored: object, expected: object) -> bool:
+    if isinstance(stored, bytes):
+        stored = stored.decode()
+    if isinstance(expected, float):
+        return stored is None or not np.isclose(float(stored), expected)
+    return stored != expected

@@ -1,0 +1,184 @@
+"""Patch indexes: the three FAISS kinds, metadata beside them, slide embedding and its cache."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from histopilot.errors import SearchIndexError
+from histopilot.retrieval.encoders import OfflineEncoder
+from histopilot.retrieval.features import embed_slide
+from histopilot.retrieval.patch_index import PatchIndex, PatchRecord
+from histopilot.retrieval.search import mosaic, search_patches, search_slides
+from histopilot.retrieval.vectors import IVF_MIN_TRAIN, build_faiss_index, search
+from histopilot.slide import open_slide
+
+
+def clustered(count: int, dim: int = 16, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(8, dim))
+    return (centres[rng.integers(0, 8, count)] + 0.3 * rng.normal(size=(count, dim))).astype(
+        np.float32
+    )
+
+
+def records(count: int, slides: int = 3) -> list[PatchRecord]:
+    return [
+        PatchRecord(
+            slide_id=f"s{i % slides}", slide_path=f"/data/s{i % slides}.svs", x=i, y=0, size=448
+        )
+        for i in range(count)
+    ]
+
+
+@pytest.mark.parametrize(
+    ("kind", "count"), [("flat", 500), ("hnsw", 500), ("ivfpq", IVF_MIN_TRAIN)]
+)
+def test_every_kind_finds_each_vector_itself(kind: str, count: int) -> None:
+    vectors = clustered(count)
+    index = build_faiss_index(vectors, kind=kind)
+    scores, ids = search(index, vectors[:50], 1)
+    assert (ids[:, 0] == np.arange(50)).mean() >= 0.9
+    assert scores.max() <= 1.01  # cosine
+
+
+def test_ivfpq_needs_enough_vectors_to_train() -> None:
+    with pytest.raises(SearchIndexError, match="use the exact 'flat' kind"):
+        build_faiss_index(clustered(100), kind="ivfpq")
+
+
+def test_index_round_trip_add_search_remove_rebuild(tmp_path: Path) -> None:
+    vectors = clustered(300)
+    index = PatchIndex.create(tmp_path / "index", encoder="test", dim=16)
+    index.add(vectors, records(300))
+    reopened = PatchIndex.open(tmp_path / "index")
+    [hits] = reopened.search(vectors[7], k=3)
+    assert hits[0].id == 7 and hits[0].x == 7 and hits[0].slide_id == "s1"
+    assert [hit.rank for hit in hits] == [1, 2, 3]
+    assert all(
+        hit.slide_id != "s1" for hit in reopened.search(vectors[7], k=5, exclude_slide="s1")[0]
+    )
+
+    assert reopened.remove_slide("s1") == 100 and len(reopened) == 200
+    assert [entry.slide_id for entry in PatchIndex.open(tmp_path / "index").slides()] == [
+        "s0",
+        "s2",
+    ]
+
+    reopened.rebuild("hnsw")
+    again = PatchIndex.open(tmp_path / "index")
+    assert again.info()["search_structure"] == "hnsw" and len(again) == 200
+    assert again.search(vectors[9], k=1)[0][0].id == 9
+    assert again.remove_slide("s0") == 100 and len(PatchIndex.open(tmp_path / "index")) == 100
+
+
+def test_bad_queries_and_bad_folders_are_explained(tmp_path: Path) -> None:
+    index = PatchIndex.create(tmp_path / "index", encoder="test", dim=16)
+    with pytest.raises(SearchIndexError, match="is empty"):
+        index.search(clustered(1), k=1)
+    with pytest.raises(SearchIndexError, match="already holds an index"):
+        PatchIndex.create(tmp_path / "index", encoder="test", dim=16)
+    with pytest.raises(SearchIndexError, match="16-d vectors"):
+        index.add(np.ones((2, 8), np.float32), records(2))
+    index.add(clustered(10), records(10))
+    with pytest.raises(SearchIndexError, match="search with that encoder"):
+        index.search(np.ones((1, 8), np.float32))
+    with pytest.raises(SearchIndexError, match="no patch index"):
+        PatchIndex.open(tmp_path / "nowhere")
+
+
+def test_an_interrupted_write_is_reported_and_rebuild_repairs_it(tmp_path: Path) -> None:
+    index = PatchIndex.create(tmp_path / "index", encoder="test", dim=16)
+    index.add(clustered(20), records(20))
+    with sqlite3.connect(tmp_path / "index" / "metadata.sqlite") as db:
+        db.execute("DELETE FROM patches WHERE id >= 15")
+    with pytest.raises(SearchIndexError, match="inconsistent.*index rebuild"):
+        PatchIndex.open(tmp_path / "index")
+    PatchIndex.open(tmp_path / "index", check=False).rebuild()
+    assert len(PatchIndex.open(tmp_path / "index")) == 15
+
+
+def test_corrupt_files_are_reported_never_rebuilt_silently(tmp_path: Path) -> None:
+    index = PatchIndex.create(tmp_path / "index", encoder="test", dim=16)
+    index.add(clustered(20), records(20))
+    faiss_file = tmp_path / "index" / "vectors.faiss"
+    faiss_file.write_bytes(faiss_file.read_bytes()[:50])
+    with pytest.raises(SearchIndexError, match="corrupt or not a FAISS index"):
+        PatchIndex.open(tmp_path / "index")
+    assert faiss_file.stat().st_size == 50
+    (tmp_path / "index" / "metadata.sqlite").write_bytes(b"not a database" * 100)
+    with pytest.raises(SearchIndexError, match="cannot be read"):
+        PatchIndex.open(tmp_path / "index", check=False).rebuild()
+    (tmp_path / "index" / "manifest.json").write_text("{broken")
+    with pytest.raises(SearchIndexError, match="manifest.json is corrupt"):
+        PatchIndex.open(tmp_path / "index")
+
+
+@pytest.fixture(scope="module")
+def offline() -> OfflineEncoder:
+    return OfflineEncoder()
+
+
+def test_slide_features_are_cached_and_reused(wsi_dir: Path, tmp_path: Path, offline) -> None:
+    with open_slide(wsi_dir / "CMU-1-Small-Region.svs") as slide:
+        first = embed_slide(slide, offline, cache_dir=tmp_path)
+        cache = tmp_path / "CMU-1-Small-Region.h5"
+        with h5py.File(cache) as handle:
+            assert handle["features"].shape == (len(first), offline.dim)
+            assert handle["coords"].shape == (len(first), 2)
+            assert handle["coords"].attrs["patch_size"] == 224
+        written = cache.stat().st_mtime_ns
+        again = embed_slide(slide, offline, cache_dir=tmp_path)
+    assert cache.stat().st_mtime_ns == written
+    np.testing.assert_array_equal(first.features, again.features)
+    np.testing.assert_array_equal(first.coords, again.coords)
+
+
+def test_a_corrupt_cache_is_recomputed(wsi_dir: Path, tmp_path: Path, offline) -> None:
+    (tmp_path / "CMU-1-Small-Region.h5").write_bytes(b"\x89HDF\r\n" + b"0" * 100)
+    with open_slide(wsi_dir / "CMU-1-Small-Region.svs") as slide:
+        features = embed_slide(slide, offline, cache_dir=tmp_path)
+    assert len(features) > 0
+    with h5py.File(tmp_path / "CMU-1-Small-Region.h5") as handle:
+        assert handle["features"].shape[0] == len(features)
+
+
+@pytest.fixture(scope="module")
+def shared_slides_index(wsi_dir: Path, tmp_path_factory, offline) -> PatchIndex:
+    index = PatchIndex.create(
+        tmp_path_factory.mktemp("idx") / "index", encoder="offline", dim=offline.dim
+    )
+    for name, label in (
+        ("CMU-1-Small-Region.svs", "CMU-1"),
+        ("dicom-wsi-TCGA-XK-AAJU-01A-01-TS1-level.dcm", "TCGA-PRAD"),
+    ):
+        with open_slide(wsi_dir / name, mpp=0.5) as slide:
+            index.add_slide(embed_slide(slide, offline), label=label)
+    return index
+
+
+def test_a_region_of_an_indexed_slide_finds_itself(
+    shared_slides_index: PatchIndex, offline
+) -> None:
+    entry = shared_slides_index.search(np.zeros((1, offline.dim), np.float32) + 1, k=1)[0][0]
+    with open_slide(entry.slide_path, mpp=0.5) as slide:
+        tile = slide.read_region_at(entry.x, entry.y, 224, 224, downsample=entry.size / 224)
+    [best, *_] = search_patches(shared_slides_index, offline.encode_images([tile]), k=3)
+    assert (best.slide_id, best.x, best.y) == (entry.slide_id, entry.x, entry.y)
+    assert best.score > 0.99
+
+
+def test_slide_search_ranks_other_slides_and_never_the_query(
+    wsi_dir: Path, shared_slides_index: PatchIndex, offline
+) -> None:
+    with open_slide(wsi_dir / "CMU-1-Small-Region.svs") as slide:
+        query = embed_slide(slide, offline)
+    chosen = mosaic(query.features, query.coords)
+    assert 1 <= len(chosen) < len(query)
+    slides = search_slides(shared_slides_index, query, k=5)
+    assert [hit.slide_id for hit in slides] == ["dicom-wsi-TCGA-XK-AAJU-01A-01-TS1-level"]
+    assert slides[0].votes == len(chosen) and slides[0].label == "TCGA-PRAD"
