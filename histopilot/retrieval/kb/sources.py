@@ -121,11 +121,24 @@ def live_terms(ontology: pronto.Ontology) -> list[pronto.Term]:
 
 
 def load_obo(path: str | Path, *, include_synonyms: bool = True) -> list[Passage]:
-    """One passage per live term: name, definition, synonyms (optional) and parent names."""
+    """One passage per live term: name, definition or parent names, synonyms (optional)."""
     path = Path(path)
+    passages = ontology_passages(read_ontology(path), path.name, include_synonyms=include_synonyms)
+    if not passages:
+        raise KnowledgeSourceError(
+            f"the ontology {path} holds no named, non-obsolete terms; check that it is the "
+            "ontology you meant."
+        )
+    return passages
+
+
+def ontology_passages(
+    ontology: pronto.Ontology, file: str, *, include_synonyms: bool = True
+) -> list[Passage]:
+    """``load_obo`` for an ontology already parsed (by ``read_ontology``) from ``file``."""
     return [
-        _term_passage(term, path.name, include_synonyms=include_synonyms)
-        for term in live_terms(read_ontology(path))
+        _term_passage(term, file, include_synonyms=include_synonyms)
+        for term in live_terms(ontology)
     ]
 
 
@@ -147,10 +160,12 @@ def _term_passage(term: pronto.Term, file: str, *, include_synonyms: bool) -> Pa
         )
         if synonyms:
             sentences.append(f"Also called {'; '.join(synonyms)}.")
-    parents = sorted(parent.name for parent in term.superclasses(distance=1, with_self=False))
-    parents = [parent for parent in parents if parent]
-    if parents:
-        sentences.append(f"A kind of {' and '.join(parents)}.")
+    if not term.definition:
+        # A definition already names the parent (Disease Ontology definitions read "A <parent>
+        # that ..."); spelling parents out again makes every child match its parent's name.
+        parents = sorted(filter(None, (p.name for p in term.superclasses(1, with_self=False))))
+        if parents:
+            sentences.append(f"A kind of {' and '.join(parents)}.")
     return Passage(
         id=term.id,
         title=name,
@@ -262,7 +277,8 @@ def load_document(path: str | Path) -> list[Passage]:
 
     Each chunk's text is exactly ``document[char_start:char_end]``, so a citation can be
     highlighted in the source. Markdown headings start a new chunk and title the chunks
-    beneath them; PDF chunks never cross a page and their offsets are into that page's text.
+    beneath them (other chunks are titled by the file name without extension); PDF chunks
+    never cross a page and their offsets are into that page's text.
     """
     path = _existing_file(path, "document")
     suffix = path.suffix.lower()
@@ -273,15 +289,12 @@ def load_document(path: str | Path) -> list[Passage]:
             "plain text."
         )
     if suffix == ".pdf":
-        sections = [
-            (f"{path.name}, page {page}", text, page, 0, len(text))
-            for page, text in _pdf_pages(path)
-        ]
+        sections = [(path.stem, text, page, 0, len(text)) for page, text in _pdf_pages(path)]
     else:
         text = _decoded_text(path)
         markdown = suffix in {".md", ".markdown"}
         sections = [
-            (heading or path.name, text, None, start, end)
+            (heading or path.stem, text, None, start, end)
             for heading, start, end in _headed_sections(text, markdown=markdown)
         ]
     passages = []
@@ -394,18 +407,23 @@ def load_sources(paths: Iterable[str | Path]) -> list[Passage]:
     """Passages of every file given, folders searched recursively for supported files.
 
     ``.obo`` is an ontology, ``.json`` an OncoTree tree, anything else a document. When two
-    sources yield the same passage id (the same ontology in two releases, say) the one given
-    later wins and a warning says how many were replaced, so the result depends on order in
-    the obvious way and nothing is indexed twice.
+    sources yield the same passage id (a term in two ontologies, two releases of one file) the
+    source given later wins and a warning says how many were replaced, so nothing is indexed
+    twice. A document is replaced whole, so the chunks of two versions never mix.
     """
     passages: dict[str, Passage] = {}
     replaced: list[str] = []
     for file in _source_files(paths):
-        for passage in _load_file(file):
-            if passage.id in passages:
-                replaced.append(passage.id)
-                del passages[passage.id]
-            passages[passage.id] = passage
+        incoming = _load_file(file)
+        clashes = [passage.id for passage in incoming if passage.id in passages]
+        stale = {passages[key].source.file for key in clashes if key.startswith("doc:")}
+        passages = {
+            key: passage
+            for key, passage in passages.items()
+            if not (key.startswith("doc:") and passage.source.file in stale)
+        }
+        passages.update((passage.id, passage) for passage in incoming)
+        replaced += clashes
     if replaced:
         examples = ", ".join(replaced[:5])
         warnings.warn(

@@ -19,7 +19,7 @@ import json
 import re
 import sqlite3
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import closing
 from datetime import UTC, datetime
 from pathlib import Path
@@ -30,7 +30,7 @@ import numpy as np
 from bm25s.stopwords import STOPWORDS_EN
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from histopilot.errors import KnowledgeSourceError, SearchIndexError
+from histopilot.errors import KnowledgeSourceError, OutputError, SearchIndexError
 from histopilot.retrieval.kb.embedder import (
     DEFAULT_EMBEDDER,
     load_cross_encoder,
@@ -45,15 +45,15 @@ if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
 
 SearchMode = Literal["hybrid", "dense", "bm25"]
+#: Row id → (1-based rank, score) for the candidates of one ranking.
+Ranking = dict[int, tuple[int, float]]
 #: Bump when the folder layout, the table or the tokenisation changes: an index built one way
 #: and queried another returns plausible nonsense, so old folders are refused instead.
 FORMAT_VERSION = 1
-MANIFEST, PASSAGES_DB, DENSE_INDEX, BM25_DIR = (
-    "manifest.json",
-    "passages.sqlite",
-    "dense.faiss",
-    "bm25",
-)
+MANIFEST = "manifest.json"
+PASSAGES_DB = "passages.sqlite"
+DENSE_INDEX = "dense.faiss"
+BM25_DIR = "bm25"
 #: Reciprocal rank fusion constant from Cormack, Clarke & Büttcher (SIGIR 2009), "Reciprocal
 #: rank fusion outperforms Condorcet and individual rank learning methods": 60 damps the
 #: weight of the very first ranks so that agreement between lists counts for more.
@@ -63,8 +63,25 @@ RRF_K = 60
 MIN_CANDIDATES = 50
 CANDIDATES_PER_HIT = 5
 
-_TOKEN = re.compile(r"[^\W_]+")
+#: A passage's title (term name, tumour type, section heading) is indexed this many extra
+#: times: the classic approximation of BM25F field weights (Robertson, Zaragoza & Taylor,
+#: CIKM 2004), because a word in the name says more about a passage than one in its body.
+TITLE_REPEATS = 3
+#: Words longer than this also index their first ``PREFIX_LENGTH`` letters, a crude stemmer
+#: that needs no dictionary: "ovary"/"ovarian", "prostate"/"prostatic" and "endometrium"/
+#: "endometrial" then share a token, while the full word still scores higher for an exact match.
+PREFIX_LENGTH = 4
+
+_WORD = re.compile(r"[^\W_]+")
+_HYPHENATED = re.compile(r"[^\W_]+(?:-[^\W_]+)+")
 _STOPWORDS = frozenset(STOPWORDS_EN)
+#: British spellings folded to American ones; the ontologies and reports mix both
+#: ("tumour", "oesophageal", "haemangioma", "paediatric", "leukaemia").
+_SPELLING = (
+    (re.compile(r"ae"), "e"),
+    (re.compile(r"^oe"), "e"),
+    (re.compile(r"(?<=[lmvi])our$"), "or"),
+)
 _COLUMNS = (
     "row_id, id, title, text, kind, file, ontology_id, code, xrefs, page, char_start, char_end"
 )
@@ -100,12 +117,52 @@ class KnowledgeManifest(BaseModel):
 
 
 def tokenize(text: str) -> list[str]:
-    """Lower-case letter/digit runs minus English stopwords.
+    """BM25 tokens: lower-case letter/digit runs minus English stopwords, normalised.
 
-    Letters and digits stay together, so "T1c", "HER2", "9120" and "C3088" survive as whole
-    tokens; hyphens and slashes split ("non-small" → "non", "small").
+    Tokens with a digit ("t1c", "her2", "9120", "c3088") are kept exactly as written. Words
+    lose a plural "s", are folded to American spelling and add a prefix token (see
+    ``PREFIX_LENGTH``). Hyphens split words and the joined form is kept too, so "non-small"
+    matches "non small" and "nonsmall".
     """
-    return [token for token in _TOKEN.findall(text.casefold()) if token not in _STOPWORDS]
+    folded = text.casefold()
+    words = _WORD.findall(folded) + [
+        "".join(_WORD.findall(compound)) for compound in _HYPHENATED.findall(folded)
+    ]
+    tokens = []
+    for word in words:
+        if word in _STOPWORDS:
+            continue
+        if any(character.isdigit() for character in word):
+            tokens.append(word)
+            continue
+        word = _american(_singular(word))
+        tokens.append(word)
+        if len(word) > PREFIX_LENGTH:
+            tokens.append(f"{word[:PREFIX_LENGTH]}~")
+    return tokens
+
+
+def _american(word: str) -> str:
+    for pattern, replacement in _SPELLING:
+        word = pattern.sub(replacement, word)
+    return word
+
+
+def _singular(word: str) -> str:
+    """Harman's "S" stemmer (JASIS 1991), also sparing "-is" ("metastasis", "fibrosis")."""
+    if len(word) <= 3:
+        return word
+    if word.endswith("ies") and not word.endswith(("eies", "aies")):
+        return f"{word[:-3]}y"
+    if word.endswith("es") and not word.endswith(("aes", "ees", "oes")):
+        return word[:-1]
+    if word.endswith("s") and not word.endswith(("us", "ss", "is")):
+        return word[:-1]
+    return word
+
+
+def _index_tokens(passage: Passage) -> list[str]:
+    return tokenize(passage.text) + tokenize(passage.title) * TITLE_REPEATS
 
 
 class KnowledgeBase:
@@ -149,7 +206,8 @@ class KnowledgeBase:
         ``progress`` is called with (passages embedded, total) after each batch.
         """
         model = load_text_embedder(embedder, device)
-        out = Path(out)
+        out = Path(out).expanduser()
+        _check_replaceable(out)
         with atomic_directory(out) as folder:
             rows = list(passages)
             if not rows:
@@ -226,27 +284,56 @@ class KnowledgeBase:
         mode: SearchMode = "hybrid",
         reranker: str | None = None,
     ) -> list[KnowledgeHit]:
-        """The ``k`` passages that best answer ``text``.
+        """The ``k`` passages that best answer ``text``, best first.
 
         Hybrid fuses the dense and BM25 rankings by reciprocal rank; ``reranker`` (or the one
         given to ``open``) then re-scores the fused candidates with a cross-encoder.
         """
-        if not text or not text.strip():
-            raise SearchIndexError("the knowledge-base query is empty; ask with some words.")
+        return self.query_many([text], k, mode=mode, reranker=reranker)[0]
+
+    def query_many(
+        self,
+        texts: Sequence[str],
+        k: int = 5,
+        *,
+        mode: SearchMode = "hybrid",
+        reranker: str | None = None,
+    ) -> list[list[KnowledgeHit]]:
+        """``query`` for each of ``texts``, embedding them in batches (evaluations ask 1000s)."""
+        if not texts:
+            return []
+        if any(not text or not text.strip() for text in texts):
+            raise SearchIndexError("a knowledge-base query is empty; ask with some words.")
         if k < 1:
             raise SearchIndexError(f"asked for {k} hits; ask for at least 1.")
         if mode not in ("hybrid", "dense", "bm25"):
             raise SearchIndexError(f"unknown search mode {mode!r}; use hybrid, dense or bm25.")
         depth = min(len(self), max(MIN_CANDIDATES, CANDIDATES_PER_HIT * k))
-        dense = self._dense_ranking(text, depth) if mode != "bm25" else {}
-        bm25 = self._bm25_ranking(text, depth) if mode != "dense" else {}
+        dense = self._dense_rankings(texts, depth) if mode != "bm25" else [{} for _ in texts]
+        bm25 = [self._bm25_ranking(text, depth) if mode != "dense" else {} for text in texts]
+        cross_encoder = reranker or self.reranker
+        with closing(_connect(self.path / PASSAGES_DB)) as connection:
+            return [
+                self._hits(connection, text, k, mode, dense_ranks, bm25_ranks, cross_encoder)
+                for text, dense_ranks, bm25_ranks in zip(texts, dense, bm25, strict=True)
+            ]
+
+    def _hits(
+        self,
+        connection: sqlite3.Connection,
+        text: str,
+        k: int,
+        mode: SearchMode,
+        dense: Ranking,
+        bm25: Ranking,
+        cross_encoder: str | None,
+    ) -> list[KnowledgeHit]:
         if mode == "hybrid":
             scores = _reciprocal_rank_fusion(dense, bm25)
         else:
             scores = {row: score for row, (_, score) in (dense or bm25).items()}
         order = sorted(scores, key=lambda row: (-scores[row], row))
-        cross_encoder = reranker or self.reranker
-        passages = self._passages(order if cross_encoder else order[:k])
+        passages = _passages(connection, order if cross_encoder else order[:k])
         if cross_encoder:
             scores = self._rerank(cross_encoder, text, passages)
             order = sorted(scores, key=lambda row: (-scores[row], row))
@@ -261,14 +348,20 @@ class KnowledgeBase:
             for rank, row in enumerate(order[:k], 1)
         ]
 
-    def _dense_ranking(self, text: str, depth: int) -> dict[int, tuple[int, float]]:
+    def _dense_rankings(self, texts: Sequence[str], depth: int) -> list[Ranking]:
         model = load_text_embedder(self.manifest.embedder, self.device)
-        vector = model.encode([text], convert_to_numpy=True, show_progress_bar=False)
-        scores, ids = search(self._dense, vector, depth)
-        ranked = [(int(row), float(score)) for row, score in zip(ids[0], scores[0], strict=True)]
-        return {row: (rank, score) for rank, (row, score) in enumerate(ranked, 1) if row >= 0}
+        vectors = model.encode(list(texts), convert_to_numpy=True, show_progress_bar=False)
+        scores, ids = search(self._dense, vectors, depth)
+        return [
+            {
+                int(row): (rank, float(score))
+                for rank, (row, score) in enumerate(zip(row_ids, row_scores, strict=True), 1)
+                if row >= 0
+            }
+            for row_ids, row_scores in zip(ids, scores, strict=True)
+        ]
 
-    def _bm25_ranking(self, text: str, depth: int) -> dict[int, tuple[int, float]]:
+    def _bm25_ranking(self, text: str, depth: int) -> Ranking:
         token_ids = self._bm25.get_tokens_ids(tokenize(text))
         if not token_ids:
             return {}
@@ -286,18 +379,27 @@ class KnowledgeBase:
         )
         return {row: float(score) for row, score in zip(rows, np.ravel(scores), strict=True)}
 
-    def _passages(self, rows: list[int]) -> dict[int, Passage]:
-        if not rows:
-            return {}
-        marks = ", ".join("?" * len(rows))
-        with closing(_connect(self.path / PASSAGES_DB)) as connection:
-            records = connection.execute(
-                f"SELECT {_COLUMNS} FROM passages WHERE row_id IN ({marks})", rows
-            ).fetchall()
-        return {record[0]: _passage_from_record(record) for record in records}
-
 
 # --- Building blocks ----------------------------------------------------------------------
+
+
+def _passages(connection: sqlite3.Connection, rows: list[int]) -> dict[int, Passage]:
+    if not rows:
+        return {}
+    marks = ", ".join("?" * len(rows))
+    records = connection.execute(
+        f"SELECT {_COLUMNS} FROM passages WHERE row_id IN ({marks})", rows
+    ).fetchall()
+    return {record[0]: _passage_from_record(record) for record in records}
+
+
+def _check_replaceable(out: Path) -> None:
+    """Refuse to replace anything but an earlier knowledge base (or an empty folder)."""
+    if out.is_file() or (out.is_dir() and not (out / MANIFEST).is_file() and any(out.iterdir())):
+        raise OutputError(
+            f"{out} exists and is not a knowledge base, so building there would delete it; "
+            "choose a new folder for the knowledge base."
+        )
 
 
 def _check_unique(rows: list[Passage]) -> None:
@@ -315,17 +417,30 @@ def _embed(
     batch_size: int,
     progress: Callable[[int, int], None] | None,
 ) -> np.ndarray:
+    """Embeddings in input order, computed over texts sorted by length.
+
+    A batch is padded to its longest text, so batching similar lengths together roughly
+    halves the work on a mix of short terms and long document chunks.
+    """
+    batch_size = max(1, batch_size)
+    order = np.argsort([len(text) for text in texts], kind="stable")
     batches = []
-    for start in range(0, len(texts), max(1, batch_size)):
-        batch = texts[start : start + max(1, batch_size)]
+    for start in range(0, len(order), batch_size):
+        batch = order[start : start + batch_size]
         batches.append(
             model.encode(
-                batch, batch_size=len(batch), convert_to_numpy=True, show_progress_bar=False
+                [texts[index] for index in batch],
+                batch_size=len(batch),
+                convert_to_numpy=True,
+                show_progress_bar=False,
             )
         )
         if progress is not None:
             progress(start + len(batch), len(texts))
-    return np.concatenate(batches).astype(np.float32)
+    stacked = np.concatenate(batches)
+    vectors = np.empty_like(stacked, dtype=np.float32)
+    vectors[order] = stacked
+    return vectors
 
 
 def _write_passages(path: Path, rows: list[Passage]) -> None:
@@ -379,11 +494,11 @@ def _passage_from_record(record: tuple) -> Passage:
 
 def _write_bm25(folder: Path, rows: list[Passage]) -> None:
     index = bm25s.BM25()
-    index.index([tokenize(row.text) for row in rows], show_progress=False)
+    index.index([_index_tokens(row) for row in rows], show_progress=False)
     index.save(str(folder), show_progress=False)
 
 
-def _reciprocal_rank_fusion(*rankings: dict[int, tuple[int, float]]) -> dict[int, float]:
+def _reciprocal_rank_fusion(*rankings: Ranking) -> dict[int, float]:
     fused: dict[int, float] = {}
     for ranking in rankings:
         for row, (rank, _) in ranking.items():
@@ -436,5 +551,5 @@ def _count_rows(path: Path) -> int:
 def _read_bm25(path: Path) -> bm25s.BM25:
     try:
         return bm25s.BM25.load(str(path / BM25_DIR), show_progress=False)
-    except (OSError, ValueError, KeyError) as error:
+    except (OSError, EOFError, ValueError, KeyError) as error:
         raise _corrupt(path, f"{BM25_DIR} does not load") from error
