@@ -16,7 +16,7 @@ from histopilot.retrieval.encoders.offline import REFERENCE_FILE, fit_reference
 from histopilot.retrieval.quality import leave_one_out_knn
 from histopilot.slide import open_slide
 from histopilot.slide.tiling import iter_tiles, tile_grid
-from tests.tiny_encoders import save_tiny_open_clip, save_tiny_timm
+from tests.tiny_encoders import save_tiny_hf_clip, save_tiny_open_clip, save_tiny_timm
 
 
 @pytest.fixture(scope="module")
@@ -84,6 +84,16 @@ def test_open_clip_model_from_a_local_folder_embeds_images_and_text(tmp_path: Pa
     texts = encoder.encode_text(["tumour", "stroma"])
     assert images.shape == (1, 32) and texts.shape == (2, 32)
     np.testing.assert_allclose(np.linalg.norm(texts, axis=1), 1, atol=1e-5)
+
+
+def test_hugging_face_clip_model_from_a_local_folder(tmp_path: Path) -> None:
+    folder = save_tiny_hf_clip(tmp_path / "plip-like")
+    encoder = load_encoder(f"hf-clip:{folder}", device="cpu")
+    assert encoder.has_text and encoder.dim == 24 and encoder.tile_size == 32
+    images = encoder.encode_images([np.full((60, 40, 3), 90, np.uint8)] * 2)
+    texts = encoder.encode_text(["tumour", "adipose tissue"])
+    assert images.shape == (2, 24) and texts.shape == (2, 24)
+    np.testing.assert_allclose(np.linalg.norm(images, axis=1), 1, atol=1e-5)
 
 
 def test_timm_backbone_from_a_local_folder(tmp_path: Path) -> None:

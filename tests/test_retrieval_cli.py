@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 from histopilot.cli import app
 from histopilot.retrieval.encoders import load_encoder
+from histopilot.retrieval.kb import KnowledgeBase
 from histopilot.retrieval.patch_index import PatchIndex
 from histopilot.retrieval.tools import retrieval_tools
 
@@ -17,8 +18,9 @@ runner = CliRunner()
 
 
 def run(*args: str) -> tuple[int, str]:
+    """Exit code, and stdout on success (where --json goes) or everything on failure."""
     result = runner.invoke(app, [str(a) for a in args])
-    return result.exit_code, result.output
+    return result.exit_code, result.stdout if result.exit_code == 0 else result.output
 
 
 @pytest.fixture(scope="module")
@@ -154,3 +156,35 @@ def test_retrieval_tools_answer_agents_with_citable_patches(
         call | {"args": {"text": "x", "image_path": str(patch)}}
     )
     assert "exactly one" in invalid.content
+
+
+def test_kb_build_and_query_cite_their_sources(test_data: Path, tmp_path: Path) -> None:
+    notes = tmp_path / "grading.md"
+    notes.write_text(
+        "# Nottingham grade\n\nTubule formation, nuclear pleomorphism and mitotic count are "
+        "each scored 1 to 3; the sum gives grade 1 (3-5), 2 (6-7) or 3 (8-9).\n"
+    )
+    oncotree = test_data / "knowledge" / "oncotree_2025_10_03.json"
+    code, output = run("kb", "build", oncotree, notes, "--out", tmp_path / "kb", "--json")
+    assert code == 0, output
+    assert json.loads(output)["kinds"] == {
+        "oncotree": 897,
+        "document": 1,
+    }  # the root "Tissue" node is no passage
+
+    code, output = run("kb", "query", tmp_path / "kb", "lung adenocarcinoma", "-k", "3", "--json")
+    assert code == 0, output
+    codes = [hit["passage"]["source"]["code"] for hit in json.loads(output)["hits"]]
+    assert "LUAD" in codes  # beside its in-situ and subtype nodes (LAIS, …)
+
+    knowledge = KnowledgeBase.open(tmp_path / "kb")
+    [tool] = retrieval_tools(knowledge=knowledge)
+    call = {"name": tool.name, "args": {"query": "Nottingham grading criteria", "k": 1}}
+    message = tool.invoke(call | {"id": "1", "type": "tool_call"})
+    source = message.artifact.passages[0].passage.source
+    assert (source.kind, source.file, source.char_start) == ("document", "grading.md", 0)
+
+    code, output = run("kb", "query", tmp_path / "kb", "x", "--mode", "fuzzy")
+    assert code == 2 and "unknown mode" in output
+    code, output = run("kb", "build", tmp_path / "missing.obo", "--out", tmp_path / "kb2")
+    assert code == 2 and not (tmp_path / "kb2").exists()

@@ -38,3 +38,30 @@ def save_tiny_timm(folder: Path) -> Path:
     )
     save_for_hf(model, folder)
     return folder
+
+
+def save_tiny_hf_clip(folder: Path) -> Path:
+    """A Hugging Face ``CLIPModel`` folder with a character-level tokenizer and processor."""
+    from transformers import (
+        CLIPConfig,
+        CLIPImageProcessor,
+        CLIPModel,
+        CLIPProcessor,
+        CLIPTokenizer,
+    )
+
+    torch.manual_seed(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    vocab = ["<|startoftext|>", "<|endoftext|>", *letters, *(f"{c}</w>" for c in letters)]
+    tokenizer = CLIPTokenizer(vocab={token: i for i, token in enumerate(vocab)}, merges=[])
+    text = {"vocab_size": len(vocab), "hidden_size": 32, "intermediate_size": 64}
+    text |= {"num_hidden_layers": 1, "num_attention_heads": 2, "max_position_embeddings": 77}
+    text |= {"bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 1}
+    vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1}
+    vision |= {"num_attention_heads": 2, "image_size": 32, "patch_size": 16}
+    config = CLIPConfig(text_config=text, vision_config=vision, projection_dim=24)
+    CLIPModel(config).save_pretrained(folder)
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size=32)
+    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder)
+    return folder

@@ -45,6 +45,7 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     _make_parent(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
+    tmp.chmod(0o777 & ~_umask())  # mkdtemp creates 0700; give the folder the usual permissions
     old = path.with_name(f".{path.name}.old")
     try:
         yield tmp
