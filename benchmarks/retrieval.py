@@ -108,7 +108,6 @@ def reference_features(tile: np.ndarray) -> np.ndarray:
 def bench_encoder(tiles: int) -> None:
     rng = np.random.default_rng(0)
     images = [rng.integers(60, 255, size=(224, 224, 3), dtype=np.uint8) for _ in range(tiles)]
-    images = [np.asarray(image) for image in images]
     encoder = OfflineEncoder()
     encoder.encode_images(images[:4])  # warm-up
     start = time.perf_counter()

@@ -470,13 +470,10 @@ def index_build(
 
     if kind not in INDEX_KINDS:
         raise HistopilotError(f"unknown index kind {kind!r}; choose one of {INDEX_KINDS}.")
-    from histopilot.retrieval.storage import atomic_directory
+    from histopilot.storage import atomic_directory, check_new_output_folder
 
+    check_new_output_folder(out, what="patch index", replaceable_marker=None)
     patch_encoder = _patch_encoder(encoder, device, config)
-    if (out / "manifest.json").exists():
-        raise HistopilotError(
-            f"{out} already holds an index; add to it with `histopilot index add`."
-        )
     # Built aside and moved into place at the end: a failed build leaves nothing behind.
     with atomic_directory(out) as building:
         index = PatchIndex.create(
@@ -519,7 +516,7 @@ def index_remove(
     from histopilot.retrieval.patch_index import PatchIndex
 
     index = PatchIndex.open(index_path)
-    removed = {slide_id: index.remove_slide(slide_id) for slide_id in slide_ids}
+    removed = index.remove_slides(slide_ids)
     _report({"removed": removed, "patches": len(index)}, as_json, f"{removed}; {len(index)} left")
 
 
@@ -599,38 +596,42 @@ def search(
     as_json: AsJson = False,
 ) -> None:
     """Similar patches to an image, a slide region or a text; similar slides to a slide."""
+    from pydantic import ValidationError
+
     from histopilot.retrieval.encoders import load_encoder
     from histopilot.retrieval.features import embed_slide
     from histopilot.retrieval.patch_index import PatchIndex
-    from histopilot.retrieval.search import (
-        load_query_image,
-        region_tiles,
-        search_patches,
-        search_slides,
-    )
+    from histopilot.retrieval.search import PatchQuery, query_vectors, search_patches, search_slides
 
-    if region is not None and slide_path is None:
-        raise HistopilotError("--region needs --slide.")
-    if sum(q is not None for q in (image, slide_path, text)) != 1:
+    by_slide = slide_path is not None and region is None
+    if not by_slide:
+        try:
+            query = PatchQuery(
+                image_path=image and str(image),
+                slide_path=slide_path and str(slide_path),
+                region=_parse_region(region) if region else None,
+                text=text,
+                k=k,
+            )
+        except ValidationError as error:
+            reason = error.errors()[0]["msg"].removeprefix("Value error, ")
+            raise HistopilotError(
+                f"{reason} (--image, --slide with --region, or --text)."
+            ) from None
+    elif image is not None or text is not None:
         raise HistopilotError(
             "give exactly one query: --image, --slide (with or without --region) or --text."
         )
     index = PatchIndex.open(index_path)
+    index.require_entries()
     encoder = load_encoder(index.encoder, device=device)
-    if slide_path is not None and region is None:
+    if by_slide:
         with open_slide(slide_path, mpp=slide_mpp) as slide:
-            features = embed_slide(slide, encoder, cache_dir=index.path / "features")
+            features = embed_slide(slide, encoder)
         slides = search_slides(index, features, k=k)
         _print_hits({"query": str(slide_path), "slides": [s.model_dump() for s in slides]}, as_json)
         return
-    if text is not None:
-        queries = encoder.encode_text([text])
-    elif image is not None:
-        queries = encoder.encode_images([load_query_image(image)])
-    else:
-        with open_slide(slide_path, mpp=slide_mpp) as slide:
-            queries = encoder.encode_images(region_tiles(slide, encoder, *_parse_region(region)))
-    hits = search_patches(index, queries, k)
+    hits = search_patches(index, query_vectors(query, encoder, slide_mpp=slide_mpp), k)
     _print_hits({"patches": [hit.model_dump() for hit in hits]}, as_json)
 
 
@@ -714,8 +715,6 @@ def kb_query(
     """The passages that best answer QUESTION, with their sources."""
     from histopilot.retrieval.kb import KnowledgeBase
 
-    if mode not in ("hybrid", "dense", "bm25"):
-        raise HistopilotError(f"unknown mode {mode!r}; choose hybrid, dense or bm25.")
     hits = KnowledgeBase.open(kb_path, reranker=reranker).query(question, k, mode=mode)  # type: ignore[arg-type]
     if as_json:
         _print_json({"query": question, "hits": [hit.model_dump(mode="json") for hit in hits]})

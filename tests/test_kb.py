@@ -235,7 +235,7 @@ def test_sources_in_a_folder_are_found_and_a_later_duplicate_wins(tmp_path: Path
     with pytest.warns(UserWarning, match="1 passage id"):
         passages = load_sources([tmp_path, later])
 
-    assert sorted(passage.id for passage in passages) == ["TEST:1", "doc:notes.md#0"]
+    assert sorted(passage.id for passage in passages) == ["TEST:1", "doc:nested/notes.md#0"]
     assert next(p for p in passages if p.id == "TEST:1").title == "second name"
 
 
@@ -475,7 +475,7 @@ def test_nothing_to_index_is_refused(tmp_path: Path) -> None:
 def test_a_folder_that_is_not_a_knowledge_base_is_never_replaced(tmp_path: Path) -> None:
     (tmp_path / "thesis.md").write_text("precious")
 
-    with pytest.raises(OutputError, match="not a knowledge base"):
+    with pytest.raises(OutputError, match="would delete its contents"):
         KnowledgeBase.build([_passage(0)], tmp_path)
 
     assert (tmp_path / "thesis.md").read_text() == "precious"
@@ -488,3 +488,11 @@ def test_an_unknown_embedder_says_how_to_fix_it(tmp_path: Path) -> None:
         KnowledgeBase.build([_passage(0)], tmp_path / "kb", embedder="no-such/embedder")
 
     assert not (tmp_path / "kb").exists()
+
+
+def test_documents_in_different_subfolders_keep_their_own_names(tmp_path: Path) -> None:
+    for organ in ("breast", "lung"):
+        (tmp_path / organ).mkdir()
+        (tmp_path / organ / "README.md").write_text(f"# {organ}\n\nGrading notes for {organ}.\n")
+    passages = load_sources([tmp_path])
+    assert sorted(p.source.file for p in passages) == ["breast/README.md", "lung/README.md"]

@@ -11,7 +11,7 @@ import pytest
 
 from histopilot.errors import SearchIndexError
 from histopilot.retrieval.encoders import OfflineEncoder
-from histopilot.retrieval.features import embed_slide
+from histopilot.retrieval.features import SlideFeatures, embed_slide, slide_id_of
 from histopilot.retrieval.patch_index import PatchIndex, PatchRecord
 from histopilot.retrieval.search import mosaic, search_patches, search_slides
 from histopilot.retrieval.vectors import IVF_MIN_TRAIN, build_faiss_index, search
@@ -63,7 +63,8 @@ def test_index_round_trip_add_search_remove_rebuild(tmp_path: Path) -> None:
         hit.slide_id != "s1" for hit in reopened.search(vectors[7], k=5, exclude_slide="s1")[0]
     )
 
-    assert reopened.remove_slide("s1") == 100 and len(reopened) == 200
+    assert reopened.remove_slides(["s1"]) == {"s1": 100} and len(reopened) == 200
+    assert all(hit.slide_id != "s1" for hit in reopened.search(vectors[7], k=20)[0])
     assert [entry.slide_id for entry in PatchIndex.open(tmp_path / "index").slides()] == [
         "s0",
         "s2",
@@ -73,7 +74,51 @@ def test_index_round_trip_add_search_remove_rebuild(tmp_path: Path) -> None:
     again = PatchIndex.open(tmp_path / "index")
     assert again.info()["search_structure"] == "hnsw" and len(again) == 200
     assert again.search(vectors[9], k=1)[0][0].id == 9
-    assert again.remove_slide("s0") == 100 and len(PatchIndex.open(tmp_path / "index")) == 100
+    assert again.remove_slides(["s0"]) == {"s0": 100}
+    assert len(PatchIndex.open(tmp_path / "index")) == 100
+    with pytest.raises(SearchIndexError, match=r"no slide 's9'.*here: s2"):
+        again.remove_slides(["s2", "s9"])
+    assert len(PatchIndex.open(tmp_path / "index")) == 100  # all or nothing
+
+
+def test_an_ivfpq_index_stays_exact_until_it_can_train(tmp_path: Path) -> None:
+    vectors = clustered(IVF_MIN_TRAIN + 100)
+    index = PatchIndex.create(tmp_path / "index", encoder="test", dim=16, kind="ivfpq")
+    index.add(vectors[:100], records(100))
+    assert index.info()["search_structure"] == "flat"
+    index.add(vectors[100:], records(IVF_MIN_TRAIN, slides=4)[:IVF_MIN_TRAIN])
+    reopened = PatchIndex.open(tmp_path / "index")
+    assert reopened.info()["search_structure"] == "ivfpq"
+    assert reopened.search(vectors[5], k=1)[0][0].id == 5
+    hits = reopened.search(vectors[5], k=5, exclude_slide="s2")[0]
+    assert len(hits) == 5 and all(hit.slide_id != "s2" for hit in hits)
+
+
+def test_replacing_a_slide_with_bad_features_keeps_the_old_ones(tmp_path: Path) -> None:
+    index = PatchIndex.create(tmp_path / "index", encoder="offline", dim=16)
+    coords = np.array([[0, 0], [448, 0]])
+    good = SlideFeatures("a", "/data/a.svs", "offline", clustered(2), coords, 448, 0.5)
+    index.add_slide(good)
+    for bad in (
+        SlideFeatures("a", "/data/a.svs", "offline", np.ones((2, 8), np.float32), coords, 448, 0.5),
+        SlideFeatures("a", "/data/a.svs", "offline", clustered(3), coords, 448, 0.5),
+    ):
+        with pytest.raises(SearchIndexError):
+            index.add_slide(bad)
+    assert [(e.slide_id, e.patches) for e in PatchIndex.open(tmp_path / "index").slides()] == [
+        ("a", 2)
+    ]
+
+
+def test_two_files_with_one_slide_id_are_refused(tmp_path: Path) -> None:
+    index = PatchIndex.create(tmp_path / "index", encoder="offline", dim=16)
+    coords = np.array([[0, 0]])
+    index.add_slide(SlideFeatures("case", "/a/case.svs", "offline", clustered(1), coords, 448, 0.5))
+    clash = SlideFeatures("case", "/b/case.svs", "offline", clustered(1), coords, 448, 0.5)
+    with pytest.raises(SearchIndexError, match="already belongs to /a/case.svs"):
+        index.add_slide(clash)
+    assert slide_id_of("/b/case.v2.svs") == "case.v2"
+    assert slide_id_of("/b/scan.ome.tiff") == "scan"
 
 
 def test_bad_queries_and_bad_folders_are_explained(tmp_path: Path) -> None:
@@ -89,6 +134,19 @@ def test_bad_queries_and_bad_folders_are_explained(tmp_path: Path) -> None:
         index.search(np.ones((1, 8), np.float32))
     with pytest.raises(SearchIndexError, match="no patch index"):
         PatchIndex.open(tmp_path / "nowhere")
+    with pytest.raises(SearchIndexError, match="NaN"):
+        index.search(np.full((1, 16), np.nan, np.float32))
+
+
+def test_a_rebuild_recovers_from_a_lost_manifest(tmp_path: Path) -> None:
+    index = PatchIndex.create(tmp_path / "index", encoder="test", dim=16)
+    index.add(clustered(20), records(20))
+    (tmp_path / "index" / "manifest.json").write_text('{"dim": 8}')
+    with pytest.raises(SearchIndexError, match="missing or corrupt.*index rebuild"):
+        PatchIndex.open(tmp_path / "index")
+    PatchIndex.open(tmp_path / "index", check=False).rebuild()
+    repaired = PatchIndex.open(tmp_path / "index")
+    assert (repaired.encoder, repaired.manifest.dim, len(repaired)) == ("test", 16, 20)
 
 
 def test_an_interrupted_write_is_reported_and_rebuild_repairs_it(tmp_path: Path) -> None:
@@ -112,10 +170,7 @@ def test_corrupt_files_are_reported_never_rebuilt_silently(tmp_path: Path) -> No
     assert faiss_file.stat().st_size == 50
     (tmp_path / "index" / "metadata.sqlite").write_bytes(b"not a database" * 100)
     with pytest.raises(SearchIndexError, match="cannot be read"):
-        PatchIndex.open(tmp_path / "index", check=False).rebuild()
-    (tmp_path / "index" / "manifest.json").write_text("{broken")
-    with pytest.raises(SearchIndexError, match="manifest.json is corrupt"):
-        PatchIndex.open(tmp_path / "index")
+        PatchIndex.open(tmp_path / "index", check=False)
 
 
 @pytest.fixture(scope="module")
@@ -138,6 +193,17 @@ def test_slide_features_are_cached_and_reused(wsi_dir: Path, tmp_path: Path, off
     np.testing.assert_array_equal(first.coords, again.coords)
 
 
+def test_a_cache_made_at_another_slide_resolution_is_not_reused(
+    wsi_dir: Path, tmp_path: Path, offline
+) -> None:
+    with open_slide(wsi_dir / "CMU-1-Small-Region.svs") as slide:
+        declared = embed_slide(slide, offline, cache_dir=tmp_path)
+    with open_slide(wsi_dir / "CMU-1-Small-Region.svs", mpp=0.25) as slide:
+        overridden = embed_slide(slide, offline, cache_dir=tmp_path)
+    assert declared.size_level0 in (224, 225) and overridden.size_level0 == 448
+    assert len(overridden) < len(declared)
+
+
 def test_a_corrupt_cache_is_recomputed(wsi_dir: Path, tmp_path: Path, offline) -> None:
     (tmp_path / "CMU-1-Small-Region.h5").write_bytes(b"\x89HDF\r\n" + b"0" * 100)
     with open_slide(wsi_dir / "CMU-1-Small-Region.svs") as slide:
@@ -149,14 +215,14 @@ def test_a_corrupt_cache_is_recomputed(wsi_dir: Path, tmp_path: Path, offline) -
 
 @pytest.fixture(scope="module")
 def shared_slides_index(wsi_dir: Path, tmp_path_factory, offline) -> PatchIndex:
-    index = PatchIndex.create(
-        tmp_path_factory.mktemp("idx") / "index", encoder="offline", dim=offline.dim
-    )
+    folder = tmp_path_factory.mktemp("idx") / "index"
+    index = PatchIndex.create(folder, encoder="offline", dim=offline.dim)
     for name, label in (
         ("CMU-1-Small-Region.svs", "CMU-1"),
         ("dicom-wsi-TCGA-XK-AAJU-01A-01-TS1-level.dcm", "TCGA-PRAD"),
+        ("tcga-cr-7395-01a-01-ts1.svs", "TCGA-HNSC"),
     ):
-        with open_slide(wsi_dir / name, mpp=0.5) as slide:
+        with open_slide(wsi_dir / name, mpp=None if name.startswith("CMU") else 0.5) as slide:
             index.add_slide(embed_slide(slide, offline), label=label)
     return index
 
@@ -164,21 +230,29 @@ def shared_slides_index(wsi_dir: Path, tmp_path_factory, offline) -> PatchIndex:
 def test_a_region_of_an_indexed_slide_finds_itself(
     shared_slides_index: PatchIndex, offline
 ) -> None:
-    entry = shared_slides_index.search(np.zeros((1, offline.dim), np.float32) + 1, k=1)[0][0]
+    [entry] = shared_slides_index.search(shared_slides_index.vectors([60]), k=1)[0]
     with open_slide(entry.slide_path, mpp=0.5) as slide:
         tile = slide.read_region_at(entry.x, entry.y, 224, 224, downsample=entry.size / 224)
     [best, *_] = search_patches(shared_slides_index, offline.encode_images([tile]), k=3)
-    assert (best.slide_id, best.x, best.y) == (entry.slide_id, entry.x, entry.y)
+    assert (best.id, best.slide_id, best.x, best.y) == (60, entry.slide_id, entry.x, entry.y)
     assert best.score > 0.99
 
 
-def test_slide_search_ranks_other_slides_and_never_the_query(
-    wsi_dir: Path, shared_slides_index: PatchIndex, offline
+def test_slide_search_puts_the_same_tissue_first_and_never_the_query(
+    wsi_dir: Path, tmp_path: Path, shared_slides_index: PatchIndex, offline
 ) -> None:
-    with open_slide(wsi_dir / "CMU-1-Small-Region.svs") as slide:
+    rescanned = tmp_path / "cmu-rescan.svs"  # the same tissue under another name
+    rescanned.write_bytes((wsi_dir / "CMU-1-Small-Region.svs").read_bytes())
+    with open_slide(rescanned) as slide:
         query = embed_slide(slide, offline)
     chosen = mosaic(query.features, query.coords)
     assert 1 <= len(chosen) < len(query)
     slides = search_slides(shared_slides_index, query, k=5)
-    assert [hit.slide_id for hit in slides] == ["dicom-wsi-TCGA-XK-AAJU-01A-01-TS1-level"]
-    assert slides[0].votes == len(chosen) and slides[0].label == "TCGA-PRAD"
+    assert slides[0].slide_id == "CMU-1-Small-Region" and slides[0].label == "CMU-1"
+    assert slides[0].votes == len(chosen) and slides[0].median_similarity > 0.99
+    assert [hit.rank for hit in slides] == list(range(1, len(slides) + 1))
+
+    with open_slide(wsi_dir / "CMU-1-Small-Region.svs") as slide:
+        own = embed_slide(slide, offline)
+    found = {hit.slide_id for hit in search_slides(shared_slides_index, own)}
+    assert "CMU-1-Small-Region" not in found

@@ -89,6 +89,8 @@ def test_remove_and_rebuild(index_dir: Path, tmp_path: Path) -> None:
     copy.mkdir()
     for part in ("manifest.json", "metadata.sqlite", "vectors.faiss"):
         (copy / part).write_bytes((index_dir / part).read_bytes())
+    code, output = run("index", "remove", copy, "tcga-cr-7395-01a-01-ts1.svs")
+    assert code == 2 and "without their suffix" in output
     code, output = run("index", "remove", copy, "tcga-cr-7395-01a-01-ts1", "--json")
     assert code == 0 and json.loads(output)["patches"] == 49
     code, output = run("index", "rebuild", copy, "--kind", "hnsw", "--json")
@@ -101,7 +103,7 @@ def test_remove_and_rebuild(index_dir: Path, tmp_path: Path) -> None:
         (["--text", "tumour"], "no text tower"),
         (["--image", "{README}"], "not an image"),
         (["--image", "missing.png"], "no image file"),
-        (["--region", "1,2,3,4"], "--region needs --slide"),
+        (["--region", "1,2,3,4"], "a region needs the slide"),
         (["--slide", "{SLIDE}", "--region", "1,2"], "x,y,w,h"),
         ([], "exactly one query"),
     ],
@@ -126,6 +128,11 @@ def test_a_failed_build_leaves_nothing_behind(wsi_dir: Path, tmp_path: Path) -> 
     )
     assert code == 2 and "--slide-mpp" in output  # the second slide declares no resolution
     assert list(tmp_path.iterdir()) == []
+    thesis = tmp_path / "thesis" / "chapter1.md"
+    thesis.parent.mkdir()
+    thesis.write_text("months of work")
+    code, output = run("index", "build", wsi_dir / "CMU-1-Small-Region.svs", "--out", thesis.parent)
+    assert code == 2 and "not empty" in output and thesis.read_text() == "months of work"
     code, output = run(
         "index", "build", wsi_dir / "CMU-1-Small-Region.svs", "--out", out, "--encoder", "nope"
     )
@@ -185,6 +192,6 @@ def test_kb_build_and_query_cite_their_sources(test_data: Path, tmp_path: Path) 
     assert (source.kind, source.file, source.char_start) == ("document", "grading.md", 0)
 
     code, output = run("kb", "query", tmp_path / "kb", "x", "--mode", "fuzzy")
-    assert code == 2 and "unknown mode" in output
+    assert code == 2 and "unknown search mode" in output
     code, output = run("kb", "build", tmp_path / "missing.obo", "--out", tmp_path / "kb2")
     assert code == 2 and not (tmp_path / "kb2").exists()

@@ -18,9 +18,9 @@ import h5py
 import numpy as np
 
 from histopilot.retrieval.encoders.base import PatchEncoder
-from histopilot.retrieval.storage import atomic_file
 from histopilot.slide import Slide
 from histopilot.slide.tiling import TileGrid, iter_tiles, tile_grid
+from histopilot.storage import atomic_file
 
 CACHE_FORMAT = 1
 Progress = Callable[[int, int], None]
@@ -42,10 +42,20 @@ class SlideFeatures:
         return len(self.coords)
 
 
+#: Multi-part suffixes that belong to the format, not to the slide's name.
+_COMPOUND_SUFFIXES = (".ome.tiff", ".ome.tif")
+
+
 def slide_id_of(path: str | Path) -> str:
-    """The id a slide is known by in indexes and caches: its file name without extension."""
+    """The id a slide is known by in indexes and caches: its file name without the format
+    suffix (``case.v2.svs`` → ``case.v2``); a DICOM folder keeps its whole name."""
     path = Path(path)
-    return path.name if path.is_dir() else path.name.split(".")[0]
+    if path.is_dir():
+        return path.name
+    for suffix in _COMPOUND_SUFFIXES:
+        if path.name.lower().endswith(suffix):
+            return path.name[: -len(suffix)]
+    return path.stem
 
 
 def embed_slide(
@@ -80,7 +90,7 @@ def embed_slide(
         progress(0, 0)
     result = SlideFeatures(
         slide_id=slide_id_of(slide.path),
-        slide_path=str(slide.path),
+        slide_path=str(slide.path.resolve()),
         encoder=encoder.name,
         features=features,
         coords=grid.coords,
@@ -88,29 +98,40 @@ def embed_slide(
         mpp=grid.target_mpp,
     )
     if cache is not None:
-        _write_cache(cache, result, grid, slide, min_tissue)
+        _write_cache(cache, result, grid, slide, encoder, min_tissue)
     return result
 
 
-def _fingerprint(slide: Slide, encoder_name: str, min_tissue: float) -> dict[str, object]:
+def _fingerprint(slide: Slide, encoder: PatchEncoder, min_tissue: float) -> dict[str, object]:
+    """Everything the cached vectors depend on: the file, its resolution, the tiling and the
+    encoder's weights (not only its name: a folder's weights can change under one name)."""
     stat = slide.path.stat()
     return {
         "format": CACHE_FORMAT,
-        "encoder": encoder_name,
+        "encoder": encoder.name,
+        "encoder_fingerprint": encoder.fingerprint,
+        "encoder_mpp": encoder.mpp,
+        "tile_size": encoder.tile_size,
         "slide_path": str(slide.path.resolve()),
         "slide_bytes": stat.st_size,
         "slide_mtime_ns": stat.st_mtime_ns,
+        "slide_mpp": slide.mpp.mean if slide.mpp else float("nan"),
         "min_tissue": min_tissue,
     }
 
 
 def _write_cache(
-    path: Path, result: SlideFeatures, grid: TileGrid, slide: Slide, min_tissue: float
+    path: Path,
+    result: SlideFeatures,
+    grid: TileGrid,
+    slide: Slide,
+    encoder: PatchEncoder,
+    min_tissue: float,
 ) -> None:
     with atomic_file(path) as tmp, h5py.File(tmp, "w") as handle:
         grid.write_coords(handle)
         handle.create_dataset("features", data=result.features)
-        handle.attrs.update(_fingerprint(slide, result.encoder, min_tissue))
+        handle.attrs.update(_fingerprint(slide, encoder, min_tissue))
 
 
 def _read_cache(
@@ -119,7 +140,7 @@ def _read_cache(
     """The cached features, or ``None`` when absent, stale, unreadable or inconsistent."""
     if not path.is_file():
         return None
-    expected = _fingerprint(slide, encoder.name, min_tissue)
+    expected = _fingerprint(slide, encoder, min_tissue)
     try:
         with h5py.File(path, "r") as handle:
             attrs = dict(handle.attrs)
@@ -127,13 +148,15 @@ def _read_cache(
                 return None
             features = handle["features"][:]
             grid = TileGrid.load_h5_handle(handle)
-    except (OSError, KeyError, ValueError):
+    except (OSError, KeyError, ValueError, TypeError):
         return None
-    if features.shape != (len(grid), encoder.dim) or grid.tile_size != encoder.tile_size:
+    if features.dtype != np.float32 or features.shape != (len(grid), encoder.dim):
+        return None
+    if not np.isfinite(features).all():
         return None
     return SlideFeatures(
         slide_id=slide_id_of(slide.path),
-        slide_path=str(slide.path),
+        slide_path=str(slide.path.resolve()),
         encoder=encoder.name,
         features=features.astype(np.float32, copy=False),
         coords=grid.coords,
@@ -146,5 +169,8 @@ def _differs(stored: object, expected: object) -> bool:
     if isinstance(stored, bytes):
         stored = stored.decode()
     if isinstance(expected, float):
-        return stored is None or not np.isclose(float(stored), expected)
+        try:
+            return not np.isclose(float(stored), expected, equal_nan=True)
+        except (TypeError, ValueError):
+            return True
     return stored != expected

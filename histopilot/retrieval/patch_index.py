@@ -24,15 +24,17 @@ from pathlib import Path
 
 import faiss
 import numpy as np
+from filelock import FileLock, Timeout
 from pydantic import BaseModel, Field
 
 from histopilot.errors import SearchIndexError
 from histopilot.retrieval.features import SlideFeatures
-from histopilot.retrieval.storage import atomic_file
 from histopilot.retrieval.vectors import (
+    INDEX_KINDS,
     IVF_MIN_TRAIN,
     IndexKind,
     build_faiss_index,
+    forget_gpu_copy,
     index_kind,
     normalized,
     read_index,
@@ -40,9 +42,11 @@ from histopilot.retrieval.vectors import (
     supports_removal,
     write_index,
 )
+from histopilot.storage import atomic_file
 
 INDEX_FORMAT = 1
 MANIFEST, METADATA, VECTORS = "manifest.json", "metadata.sqlite", "vectors.faiss"
+LOCK = ".write.lock"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS patches (
@@ -58,7 +62,10 @@ CREATE TABLE IF NOT EXISTS patches (
     vector BLOB NOT NULL
 );
 CREATE INDEX IF NOT EXISTS patches_slide ON patches (slide_id);
+CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
+#: Ids per ``IN (…)`` query: well under SQLite's limit on bound variables in every build.
+SQL_CHUNK = 500
 _FIELDS = ("slide_id", "slide_path", "x", "y", "size", "mpp", "label", "caption")
 
 
@@ -102,7 +109,11 @@ class SlideEntry(BaseModel):
 
 
 class PatchIndex:
-    """Add, remove, search and rebuild patch embeddings with their metadata."""
+    """Add, remove, search and rebuild patch embeddings with their metadata.
+
+    The metadata table is the source of truth, down to the encoder and dimension (kept in its
+    ``settings`` table), so ``rebuild`` can regenerate the other two files from it alone.
+    """
 
     def __init__(self, path: Path, manifest: IndexManifest, index: faiss.Index) -> None:
         self.path, self.manifest, self._index = path, manifest, index
@@ -114,15 +125,19 @@ class PatchIndex:
     ) -> PatchIndex:
         """A new, empty index folder (refused if one is already there)."""
         path = Path(path)
-        if (path / MANIFEST).exists():
+        if (path / MANIFEST).exists() or (path / METADATA).exists():
             raise SearchIndexError(
                 f"{path} already holds an index; add to it with `histopilot index add`, or "
                 "choose another folder."
             )
         path.mkdir(parents=True, exist_ok=True)
-        manifest = IndexManifest(encoder=encoder, dim=dim, kind=kind, count=0, updated=_now())
-        with closing(_connect(path)) as db:
+        with closing(_connect(path)) as db, db:
             db.executescript(_SCHEMA)
+            db.executemany(
+                "INSERT INTO settings VALUES (?, ?)",
+                [("encoder", encoder), ("dim", str(dim)), ("kind", kind)],
+            )
+        manifest = IndexManifest(encoder=encoder, dim=dim, kind=kind, count=0, updated=_now())
         empty = np.zeros((0, dim), np.float32)
         index = cls(path, manifest, build_faiss_index(empty, kind=_structure_kind(kind, 0)))
         index._save_search_structure()
@@ -130,43 +145,54 @@ class PatchIndex:
 
     @classmethod
     def open(cls, path: str | Path, *, check: bool = True) -> PatchIndex:
-        """Open an index; with ``check``, its three parts must agree."""
+        """Open an index; with ``check``, its three parts must agree. Without it (for
+        ``rebuild``), only the metadata table is read."""
         path = Path(path)
-        manifest_path = path / MANIFEST
-        if not manifest_path.is_file():
+        if not (path / METADATA).is_file():
             raise SearchIndexError(
-                f"no patch index at {path} (no {MANIFEST}); build one with "
+                f"no patch index at {path} (no {METADATA}); build one with "
                 "`histopilot index build SLIDES... --out INDEX`."
             )
-        try:
-            manifest = IndexManifest.model_validate_json(manifest_path.read_text("utf-8"))
-        except ValueError as error:
-            raise SearchIndexError(
-                f"{manifest_path} is corrupt ({error.__class__.__name__}); rebuild it with "
-                f"`histopilot index rebuild {path}`."
-            ) from error
-        if not (path / METADATA).is_file():
-            raise SearchIndexError(f"the metadata table {path / METADATA} is missing.")
-        index = cls(path, manifest, read_index(path / VECTORS) if check else faiss.IndexFlatIP(1))
+        index = cls(path, _settings_manifest(path), faiss.IndexFlatIP(1))
         if check:
+            index.manifest = index._read_manifest()
+            index._index = read_index(path / VECTORS)
             index._check_consistent()
         return index
+
+    def _read_manifest(self) -> IndexManifest:
+        settings = self.manifest
+        try:
+            manifest = IndexManifest.model_validate_json((self.path / MANIFEST).read_text("utf-8"))
+        except (OSError, ValueError) as error:
+            raise self._needs_rebuild(f"{MANIFEST} is missing or corrupt") from error
+        if manifest.format != INDEX_FORMAT:
+            raise SearchIndexError(
+                f"the index at {self.path} has format {manifest.format}; this histopilot reads "
+                f"format {INDEX_FORMAT}. Rebuild the index from its slides."
+            )
+        if (manifest.encoder, manifest.dim) != (settings.encoder, settings.dim):
+            raise self._needs_rebuild(f"{MANIFEST} disagrees with the metadata table")
+        return manifest
 
     def _check_consistent(self) -> None:
         rows = self._count_rows()
         if not (rows == self._index.ntotal == self.manifest.count):
-            raise SearchIndexError(
-                f"the index at {self.path} is inconsistent: {rows} metadata rows, "
-                f"{self._index.ntotal} vectors in {VECTORS}, {self.manifest.count} in the "
-                f"manifest (an interrupted write?); repair it with "
-                f"`histopilot index rebuild {self.path}` (no data is lost: the metadata table "
-                "holds every vector)."
+            raise self._needs_rebuild(
+                f"{rows} metadata rows, {self._index.ntotal} vectors in {VECTORS} and "
+                f"{self.manifest.count} in the manifest (an interrupted write?)"
             )
         if self._index.d != self.manifest.dim:
-            raise SearchIndexError(
-                f"{VECTORS} holds {self._index.d}-d vectors but the manifest says "
-                f"{self.manifest.dim}; rebuild with `histopilot index rebuild {self.path}`."
+            raise self._needs_rebuild(
+                f"{VECTORS} holds {self._index.d}-d vectors but the index is {self.manifest.dim}-d"
             )
+
+    def _needs_rebuild(self, problem: str) -> SearchIndexError:
+        return SearchIndexError(
+            f"the index at {self.path} is inconsistent: {problem}; repair it with "
+            f"`histopilot index rebuild {self.path}` (no data is lost: the metadata table holds "
+            "every vector)."
+        )
 
     # -- reading -------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -196,16 +222,20 @@ class PatchIndex:
             rows = db.execute(query).fetchall()
         return [SlideEntry(slide_id=a, slide_path=b, patches=c, label=d) for a, b, c, d in rows]
 
+    def require_entries(self) -> None:
+        """Refuse to search an empty index (before any costly query embedding)."""
+        if self.manifest.count == 0:
+            raise SearchIndexError(
+                f"the index at {self.path} is empty; add slides with `histopilot index add`."
+            )
+
     def search(
         self, queries: np.ndarray, k: int = 10, *, exclude_slide: str | None = None
     ) -> list[list[PatchHit]]:
         """The ``k`` most similar patches to each query vector, best first, optionally
         leaving out one slide's patches (a slide should not find itself)."""
         queries = np.atleast_2d(np.asarray(queries, np.float32))
-        if self.manifest.count == 0:
-            raise SearchIndexError(
-                f"the index at {self.path} is empty; add slides with `histopilot index add`."
-            )
+        self.require_entries()
         if queries.shape[1] != self.manifest.dim:
             raise SearchIndexError(
                 f"the query has {queries.shape[1]} dimensions but the index at {self.path} "
@@ -228,71 +258,46 @@ class PatchIndex:
     def vectors(self, ids: Sequence[int]) -> np.ndarray:
         """The stored vectors of patches ``ids`` (e.g. to search for more like a hit)."""
         wanted = [int(i) for i in ids]
-        with self._db() as db:
-            rows = dict(
-                db.execute(
-                    f"SELECT id, vector FROM patches WHERE id IN ({', '.join('?' * len(wanted))})",
-                    wanted,
-                ).fetchall()
-            )
-        missing = [i for i in wanted if i not in rows]
+        found = dict(self._select("id, vector", wanted))
+        missing = [i for i in wanted if i not in found]
         if missing:
-            raise SearchIndexError(f"no patches with ids {missing} in {self.path}.")
-        return np.stack([np.frombuffer(rows[i], dtype=np.float32) for i in wanted])
+            raise SearchIndexError(f"no patches with ids {missing[:10]} in {self.path}.")
+        stacked = [np.frombuffer(found[i], dtype=np.float32) for i in wanted]
+        return np.stack(stacked) if stacked else np.zeros((0, self.manifest.dim), np.float32)
+
+    def _records(self, ids: np.ndarray) -> dict[int, dict]:
+        rows = self._select(f"id, {', '.join(_FIELDS)}", sorted({int(i) for i in ids}))
+        return {row[0]: dict(zip(_FIELDS, row[1:], strict=True)) for row in rows}
+
+    def _select(self, columns: str, ids: list[int]) -> list[tuple]:
+        """Rows of ``ids``, fetched in chunks that stay under SQLite's variable limit."""
+        rows: list[tuple] = []
+        with self._db() as db:
+            for start in range(0, len(ids), SQL_CHUNK):
+                chunk = ids[start : start + SQL_CHUNK]
+                marks = ", ".join("?" * len(chunk))
+                query = f"SELECT {columns} FROM patches WHERE id IN ({marks})"
+                rows += db.execute(query, chunk).fetchall()
+        return rows
 
     def _slide_ids(self, slide_id: str) -> np.ndarray:
         with self._db() as db:
             rows = db.execute("SELECT id FROM patches WHERE slide_id = ?", (slide_id,))
             return np.fromiter((row[0] for row in rows), dtype=np.int64)
 
-    def _records(self, ids: np.ndarray) -> dict[int, dict]:
-        unique = sorted({int(i) for i in ids})
-        with self._db() as db:
-            rows = db.execute(
-                f"SELECT id, {', '.join(_FIELDS)} FROM patches WHERE id IN "
-                f"({', '.join('?' * len(unique))})",
-                unique,
-            ).fetchall()
-        return {row[0]: dict(zip(_FIELDS, row[1:], strict=True)) for row in rows}
-
     # -- writing -------------------------------------------------------------------------
     def add(self, vectors: np.ndarray, records: Sequence[PatchRecord]) -> np.ndarray:
         """Store ``records`` with their ``vectors``; returns the new row ids."""
-        vectors = normalized(vectors)
-        if len(vectors) != len(records):
-            raise SearchIndexError(f"{len(vectors)} vectors for {len(records)} records.")
-        if vectors.shape[1] != self.manifest.dim:
-            raise SearchIndexError(
-                f"these vectors have {vectors.shape[1]} dimensions but the index at "
-                f"{self.path} holds {self.manifest.dim}-d vectors from the encoder "
-                f"{self.manifest.encoder!r}; embed with that encoder or build a new index."
-            )
-        with self._db() as db:
-            start = db.execute("SELECT COALESCE(MAX(id), -1) + 1 FROM patches").fetchone()[0]
-            ids = np.arange(start, start + len(records), dtype=np.int64)
-            db.executemany(
-                f"INSERT INTO patches (id, {', '.join(_FIELDS)}, vector) "
-                f"VALUES (?, {', '.join('?' * len(_FIELDS))}, ?)",
-                (
-                    (int(i), *(getattr(record, f) for f in _FIELDS), vector.tobytes())
-                    for i, record, vector in zip(ids, records, vectors, strict=True)
-                ),
-            )
-        if index_kind(self._index) != _structure_kind(self.manifest.kind, len(self) + len(ids)):
-            self.rebuild()  # enough vectors now to train the configured kind
-        else:
-            self._index.add_with_ids(vectors, ids)
-            self._save_search_structure()
-        return ids
+        return self._write(vectors, records, replace_slide=None)
 
     def add_slide(self, slide: SlideFeatures, *, label: str | None = None) -> int:
-        """Add (or replace) every patch of one slide; returns how many were added."""
+        """Add one slide's patches, replacing the slide if it is there already; returns how
+        many were added. Nothing changes if the new patches cannot be added."""
         if slide.encoder != self.manifest.encoder:
             raise SearchIndexError(
                 f"{slide.slide_id} was embedded with {slide.encoder!r} but the index at "
                 f"{self.path} uses {self.manifest.encoder!r}; embed it with that encoder."
             )
-        self.remove_slide(slide.slide_id)
         records = [
             PatchRecord(
                 slide_id=slide.slide_id,
@@ -305,32 +310,112 @@ class PatchIndex:
             )
             for x, y in slide.coords
         ]
-        if records:
-            self.add(slide.features, records)
+        self._write(slide.features, records, replace_slide=slide.slide_id)
         return len(records)
 
-    def remove_slide(self, slide_id: str) -> int:
-        """Remove every patch of ``slide_id``; returns how many were removed."""
-        ids = self._slide_ids(slide_id)
-        with self._db() as db:
-            db.execute("DELETE FROM patches WHERE slide_id = ?", (slide_id,))
-        if len(ids) == 0:
-            return 0
-        if supports_removal(self._index):
-            self._index.remove_ids(ids)
-            self._save_search_structure()
-        else:
-            self.rebuild()
-        return len(ids)
+    def remove_slides(self, slide_ids: Sequence[str]) -> dict[str, int]:
+        """Remove every patch of the given slides (all or none); returns patches per slide."""
+        with self._writing():
+            removed = {slide_id: self._slide_ids(slide_id) for slide_id in slide_ids}
+            unknown = [slide_id for slide_id, ids in removed.items() if len(ids) == 0]
+            if unknown:
+                known = ", ".join(entry.slide_id for entry in self.slides()[:10])
+                raise SearchIndexError(
+                    f"no slide {', '.join(map(repr, unknown))} in the index at {self.path}; "
+                    f"slide ids are file names without their suffix (here: {known or 'none'})."
+                )
+            with self._db() as db:
+                db.executemany(
+                    "DELETE FROM patches WHERE slide_id = ?", [(slide_id,) for slide_id in removed]
+                )
+            all_ids = np.concatenate(list(removed.values())) if removed else np.zeros(0, np.int64)
+            self._update_structure(all_ids, None, None)
+        return {slide_id: len(ids) for slide_id, ids in removed.items()}
+
+    def _write(
+        self, vectors: np.ndarray, records: Sequence[PatchRecord], *, replace_slide: str | None
+    ) -> np.ndarray:
+        vectors = normalized(vectors)
+        if len(vectors) != len(records):
+            raise SearchIndexError(f"{len(vectors)} vectors for {len(records)} records.")
+        if vectors.shape[1] != self.manifest.dim:
+            raise SearchIndexError(
+                f"these vectors have {vectors.shape[1]} dimensions but the index at "
+                f"{self.path} holds {self.manifest.dim}-d vectors from the encoder "
+                f"{self.manifest.encoder!r}; embed with that encoder or build a new index."
+            )
+        with self._writing():
+            replaced = self._slide_ids(replace_slide) if replace_slide else np.zeros(0, np.int64)
+            with self._db() as db:  # one transaction: the old patches go only if the new land
+                self._refuse_id_clash(db, records)
+                if replace_slide:
+                    db.execute("DELETE FROM patches WHERE slide_id = ?", (replace_slide,))
+                start = db.execute("SELECT COALESCE(MAX(id), -1) + 1 FROM patches").fetchone()[0]
+                ids = np.arange(start, start + len(records), dtype=np.int64)
+                db.executemany(
+                    f"INSERT INTO patches (id, {', '.join(_FIELDS)}, vector) "
+                    f"VALUES (?, {', '.join('?' * len(_FIELDS))}, ?)",
+                    (
+                        (int(i), *(getattr(record, f) for f in _FIELDS), vector.tobytes())
+                        for i, record, vector in zip(ids, records, vectors, strict=True)
+                    ),
+                )
+            self._update_structure(replaced, ids, vectors)
+        return ids
+
+    def _refuse_id_clash(self, db: sqlite3.Connection, records: Sequence[PatchRecord]) -> None:
+        """Two files must not share a slide id: adding one would silently replace the other."""
+        for slide_id, path in {(r.slide_id, r.slide_path) for r in records}:
+            row = db.execute(
+                "SELECT slide_path FROM patches WHERE slide_id = ? AND slide_path != ? LIMIT 1",
+                (slide_id, path),
+            ).fetchone()
+            if row:
+                raise SearchIndexError(
+                    f"the slide id {slide_id!r} already belongs to {row[0]} in the index at "
+                    f"{self.path}; {path} would replace it. Rename one of the files."
+                )
+
+    def _update_structure(
+        self, removed: np.ndarray, added: np.ndarray | None, vectors: np.ndarray | None
+    ) -> None:
+        """Bring the FAISS structure in line with a committed table change, then save it."""
+        count = self._count_rows()
+        in_place = index_kind(self._index) == _structure_kind(self.manifest.kind, count) and (
+            len(removed) == 0 or supports_removal(self._index)
+        )
+        if not in_place:
+            self._rebuild_from_table(self.manifest.kind)
+            return
+        if len(removed):
+            self._index.remove_ids(removed)
+        if added is not None and len(added):
+            self._index.add_with_ids(vectors, added)
+        forget_gpu_copy(self._index)
+        self._save_search_structure()
 
     def rebuild(self, kind: IndexKind | None = None) -> None:
-        """Rebuild the search structure from the metadata table (optionally as another kind)."""
-        kind = kind or self.manifest.kind
+        """Rebuild the search structure and manifest from the metadata table (optionally as
+        another kind)."""
+        if kind is not None and kind not in INDEX_KINDS:
+            raise SearchIndexError(f"unknown index kind {kind!r}; choose one of {INDEX_KINDS}.")
+        with self._writing():
+            self._rebuild_from_table(kind or self.manifest.kind)
+
+    def _rebuild_from_table(self, kind: IndexKind) -> None:
+        dim = self.manifest.dim
         with self._db() as db:
             rows = db.execute("SELECT id, vector FROM patches ORDER BY id").fetchall()
+            db.execute("INSERT OR REPLACE INTO settings VALUES ('kind', ?)", (kind,))
+        if any(len(vector) != dim * 4 for _, vector in rows):
+            raise SearchIndexError(
+                f"the metadata table {self.path / METADATA} holds vectors that are not "
+                f"{dim}-d float32; the index cannot be repaired, build it again from its slides."
+            )
         ids = np.fromiter((row[0] for row in rows), dtype=np.int64, count=len(rows))
-        vectors = np.frombuffer(b"".join(row[1] for row in rows), dtype=np.float32)
-        vectors = vectors.reshape(len(rows), self.manifest.dim)
+        vectors = np.empty((len(rows), dim), np.float32)
+        for position, (_, vector) in enumerate(rows):
+            vectors[position] = np.frombuffer(vector, dtype=np.float32)
         self._index = build_faiss_index(vectors, ids, kind=_structure_kind(kind, len(rows)))
         self.manifest = self.manifest.model_copy(update={"kind": kind})
         self._save_search_structure()
@@ -348,17 +433,57 @@ class PatchIndex:
             return db.execute("SELECT COUNT(*) FROM patches").fetchone()[0]
 
     @contextmanager
+    def _writing(self) -> Iterator[None]:
+        """One writer at a time: two processes adding slides would each save a FAISS file
+        that lacks the other's patches."""
+        try:
+            with FileLock(self.path / LOCK, timeout=0):
+                yield
+        except Timeout:
+            raise SearchIndexError(
+                f"another process is writing to the index at {self.path}; try again when it "
+                "has finished."
+            ) from None
+
+    @contextmanager
     def _db(self) -> Iterator[sqlite3.Connection]:
         """A connection in one transaction: committed on success, rolled back on error."""
         try:
             connection = _connect(self.path)
             with closing(connection), connection:
                 yield connection
+        except sqlite3.OperationalError as error:
+            if "locked" in str(error):
+                raise SearchIndexError(
+                    f"the metadata table of {self.path} is locked by another process; try again."
+                ) from error
+            raise _unreadable(self.path, error) from error
         except sqlite3.DatabaseError as error:
-            raise SearchIndexError(
-                f"the metadata table {self.path / METADATA} cannot be read ({error}); restore "
-                "it from a backup or rebuild the index from its slides."
-            ) from error
+            raise _unreadable(self.path, error) from error
+
+
+def _unreadable(path: Path, error: Exception) -> SearchIndexError:
+    return SearchIndexError(
+        f"the metadata table {path / METADATA} cannot be read ({error}); restore it from a "
+        "backup or build the index again from its slides."
+    )
+
+
+def _settings_manifest(path: Path) -> IndexManifest:
+    """The index's identity from the metadata table (the manifest file is only a copy)."""
+    try:
+        with closing(_connect(path)) as db:
+            settings = dict(db.execute("SELECT key, value FROM settings").fetchall())
+            count = db.execute("SELECT COUNT(*) FROM patches").fetchone()[0]
+        return IndexManifest(
+            encoder=settings["encoder"],
+            dim=int(settings["dim"]),
+            kind=settings["kind"],
+            count=count,
+            updated=_now(),
+        )
+    except (sqlite3.DatabaseError, KeyError, ValueError) as error:
+        raise _unreadable(path, error) from error
 
 
 def _structure_kind(kind: IndexKind, count: int) -> IndexKind:

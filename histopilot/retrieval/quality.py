@@ -1,4 +1,4 @@
-"""Retrieval quality measures shared by the tests, the benchmarks and the evaluation runners."""
+"""Retrieval quality measures: how well an encoder's embeddings keep tissue classes apart."""
 
 from __future__ import annotations
 

@@ -10,29 +10,64 @@ by the median of each mosaic patch's best similarity to that slide.
 
 from __future__ import annotations
 
-import io
 from collections import Counter
 from pathlib import Path
+from typing import Self
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
-from pydantic import BaseModel
+from pydantic import BaseModel, Field, model_validator
 from scipy.cluster.vq import kmeans2
 
 from histopilot.errors import ImageInputError, RegionError
 from histopilot.retrieval.encoders.base import PatchEncoder
 from histopilot.retrieval.features import SlideFeatures
 from histopilot.retrieval.patch_index import PatchHit, PatchIndex
-from histopilot.slide import Slide
+from histopilot.slide import Slide, open_slide
 
-#: Query images beyond this many pixels are refused before decoding (a 16k x 16k RGB image
-#: already needs 768 MB); query a slide region instead.
-MAX_QUERY_PIXELS = 16384 * 16384
+#: Query images beyond this many pixels are refused before decoding (below Pillow's own
+#: decompression-bomb limit, so the message is ours); query a slide region instead.
+MAX_QUERY_PIXELS = 64_000_000
 #: Yottixel's mosaic: 9 appearance clusters, 5 % of each cluster's patches (at least one).
 MOSAIC_CLUSTERS, MOSAIC_FRACTION = 9, 0.05
 #: Region queries beyond this many encoder tiles are refused (a 20 x 20 tile field at 0.5
 #: µm/px is 2.2 mm across, far more than "a region").
 MAX_REGION_TILES = 400
+
+
+class PatchQuery(BaseModel):
+    """Find indexed patches that look like an image, a slide region or a description."""
+
+    image_path: str | None = Field(None, description="An image file to match.")
+    slide_path: str | None = Field(None, description="A slide; give region too.")
+    region: tuple[int, int, int, int] | None = Field(
+        None, description="Level-0 x, y, width, height of the region of slide_path to match."
+    )
+    text: str | None = Field(None, description="A description, e.g. 'tumour with necrosis'.")
+    k: int = Field(5, ge=1, le=1000, description="How many patches to return.")
+
+    @model_validator(mode="after")
+    def _one_query(self) -> Self:
+        if self.region is not None and self.slide_path is None:
+            raise ValueError("a region needs the slide it belongs to (slide_path)")
+        if (self.slide_path is None) != (self.region is None):
+            raise ValueError("a slide query needs the region to match (region)")
+        given = [self.image_path is not None, self.slide_path is not None, self.text is not None]
+        if sum(given) != 1:
+            raise ValueError("give exactly one query: an image, a slide region or a text")
+        return self
+
+
+def query_vectors(
+    query: PatchQuery, encoder: PatchEncoder, *, slide_mpp: float | None = None
+) -> np.ndarray:
+    """The query embedded by ``encoder``: one vector, or one per tile of a slide region."""
+    if query.text is not None:
+        return encoder.encode_text([query.text])
+    if query.image_path is not None:
+        return encoder.encode_images([load_query_image(query.image_path)])
+    with open_slide(Path(query.slide_path), mpp=slide_mpp) as slide:
+        return encoder.encode_images(region_tiles(slide, encoder, *query.region))
 
 
 class SlideHit(BaseModel):
@@ -49,22 +84,30 @@ class SlideHit(BaseModel):
 
 
 def load_query_image(path: str | Path) -> np.ndarray:
-    """An image file as RGB uint8; anything that is not an image is a clear error."""
+    """An image file as RGB uint8; anything that is not an image, or too large to be a query,
+    is a clear error. The size is checked from the header, before any pixel is decoded."""
     path = Path(path)
     if not path.is_file():
         raise ImageInputError(f"no image file at {path}.")
     try:
-        with Image.open(io.BytesIO(path.read_bytes())) as image:
+        with Image.open(path) as image:
             if image.width * image.height > MAX_QUERY_PIXELS:
-                raise ImageInputError(
-                    f"{path.name} is {image.width}x{image.height} pixels, too large for a "
-                    "query image; crop it, or query a region of the slide with --slide/--region."
-                )
+                raise _too_large(path, f"{image.width}x{image.height} pixels")
             return np.asarray(image.convert("RGB"))
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as error:
+    except Image.DecompressionBombError as error:
+        raise _too_large(path, "beyond Pillow's decompression limit") from error
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         raise ImageInputError(
             f"{path.name} is not an image Pillow can read (PNG, JPEG, TIFF…): {error}"
         ) from error
+
+
+def _too_large(path: Path, size: str) -> ImageInputError:
+    return ImageInputError(
+        f"{path.name} is {size}, too large for a query image (at most "
+        f"{MAX_QUERY_PIXELS // 1_000_000} megapixels); crop it, or query a region of the slide "
+        "with --slide/--region."
+    )
 
 
 def region_tiles(
@@ -79,7 +122,7 @@ def region_tiles(
     if out_width < 8 or out_height < 8:
         raise RegionError(f"the region {width}x{height} px is too small to embed.")
     size = encoder.tile_size
-    if (out_width // size) * (out_height // size) > MAX_REGION_TILES:
+    if out_width * out_height > MAX_REGION_TILES * size * size:
         raise RegionError(
             f"the region covers more than {MAX_REGION_TILES} tiles at {encoder.mpp} µm/px; "
             "query a smaller region, or search by the whole slide without --region."

@@ -9,10 +9,9 @@ graph can cite regions and sources without parsing text.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Self
 
 from langchain_core.tools import BaseTool, StructuredTool
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field
 
 from histopilot.errors import HistopilotError
 from histopilot.retrieval.encoders.base import PatchEncoder
@@ -20,34 +19,19 @@ from histopilot.retrieval.features import embed_slide
 from histopilot.retrieval.kb.store import KnowledgeBase, KnowledgeHit
 from histopilot.retrieval.patch_index import PatchHit, PatchIndex
 from histopilot.retrieval.search import (
+    PatchQuery,
     SlideHit,
-    load_query_image,
-    region_tiles,
+    query_vectors,
     search_patches,
     search_slides,
 )
 from histopilot.slide import open_slide
 
 
-class SimilarPatchesInput(BaseModel):
+class SimilarPatchesInput(PatchQuery):
     """Find indexed patches that look like an image, a slide region or a description."""
 
-    image_path: str | None = Field(None, description="An image file to match.")
-    slide_path: str | None = Field(None, description="A slide; give region too.")
-    region: tuple[int, int, int, int] | None = Field(
-        None, description="Level-0 x, y, width, height of the region of slide_path to match."
-    )
-    text: str | None = Field(None, description="A description, e.g. 'tumour with necrosis'.")
     k: int = Field(5, ge=1, le=50, description="How many patches to return.")
-
-    @model_validator(mode="after")
-    def _one_query(self) -> Self:
-        given = [self.image_path is not None, self.slide_path is not None, self.text is not None]
-        if sum(given) != 1:
-            raise ValueError("give exactly one of image_path, slide_path (+ region) or text")
-        if (self.slide_path is None) != (self.region is None):
-            raise ValueError("slide_path and region go together")
-        return self
 
 
 class SimilarPatchesResult(BaseModel):
@@ -124,13 +108,8 @@ def _explain_invalid_arguments(error: Exception) -> str:
 
 def _patch_tool(index: PatchIndex, encoder: PatchEncoder) -> StructuredTool:
     def find(request: SimilarPatchesInput) -> SimilarPatchesResult:
-        if request.text is not None:
-            queries = encoder.encode_text([request.text])
-        elif request.image_path is not None:
-            queries = encoder.encode_images([load_query_image(request.image_path)])
-        else:
-            with open_slide(Path(request.slide_path)) as slide:
-                queries = encoder.encode_images(region_tiles(slide, encoder, *request.region))
+        index.require_entries()
+        queries = query_vectors(request, encoder)
         return SimilarPatchesResult(hits=search_patches(index, queries, request.k))
 
     return _tool(find, "search_similar_patches", SimilarPatchesInput)
@@ -138,6 +117,7 @@ def _patch_tool(index: PatchIndex, encoder: PatchEncoder) -> StructuredTool:
 
 def _slide_tool(index: PatchIndex, encoder: PatchEncoder) -> StructuredTool:
     def find(request: SimilarSlidesInput) -> SimilarSlidesResult:
+        index.require_entries()
         with open_slide(Path(request.slide_path)) as slide:
             features = embed_slide(slide, encoder)
         return SimilarSlidesResult(slides=search_slides(index, features, k=request.k))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import re
+import weakref
 from pathlib import Path
 from typing import Literal
 
@@ -24,7 +25,7 @@ import faiss
 import numpy as np
 
 from histopilot.errors import SearchIndexError
-from histopilot.retrieval.storage import atomic_file
+from histopilot.storage import atomic_file
 
 IndexKind = Literal["flat", "hnsw", "ivfpq"]
 INDEX_KINDS: tuple[IndexKind, ...] = ("flat", "hnsw", "ivfpq")
@@ -46,6 +47,10 @@ def normalized(vectors: np.ndarray) -> np.ndarray:
     array = np.ascontiguousarray(np.asarray(vectors, dtype=np.float32))
     if array.ndim != 2:
         raise SearchIndexError(f"expected a 2-D array of vectors, got shape {array.shape}.")
+    if not np.isfinite(array).all():
+        raise SearchIndexError(
+            "some vectors hold NaN or infinite values; the encoder failed on those inputs."
+        )
     norms = np.linalg.norm(array, axis=1, keepdims=True)
     return np.divide(array, norms, out=np.zeros_like(array), where=norms > 0)
 
@@ -142,14 +147,33 @@ def _search_parameters(index: faiss.Index, selector: faiss.IDSelector) -> faiss.
     return faiss.SearchParameters(sel=selector)
 
 
+#: GPU copies of CPU indexes, made once per index object and dropped with it.
+_GPU_COPIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def _on_gpu(index: faiss.Index) -> faiss.Index:
-    """A GPU copy of ``index`` when faiss-gpu sees a GPU (HNSW stays on the CPU)."""
+    """A GPU copy of ``index`` when faiss-gpu sees a GPU, else ``index`` itself.
+
+    HNSW has no GPU form, and some IVF-PQ code sizes are not supported on the GPU; those stay
+    on the CPU. The copy is cached (weakly keyed by the index), so repeated searches do not
+    move the index each time; whoever changes an index in place calls ``forget_gpu_copy``.
+    """
     if not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() == 0:
         return index
     if index_kind(index) == "hnsw":
         return index
-    resources = faiss.StandardGpuResources()
-    return faiss.index_cpu_to_gpu(resources, 0, index)
+    if index not in _GPU_COPIES:
+        try:
+            resources = faiss.StandardGpuResources()
+            _GPU_COPIES[index] = faiss.index_cpu_to_gpu(resources, 0, index)
+        except RuntimeError:
+            _GPU_COPIES[index] = index
+    return _GPU_COPIES[index]
+
+
+def forget_gpu_copy(index: faiss.Index) -> None:
+    """Drop the GPU copy of an index that was just changed in place."""
+    _GPU_COPIES.pop(index, None)
 
 
 def write_index(index: faiss.Index, path: str | Path) -> Path:

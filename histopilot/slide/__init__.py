@@ -1,7 +1,8 @@
 """Whole-slide images: open any slide, resolution and magnification, tissue, tiles, pictures.
 
 Entry point: ``open_slide(path) -> Slide``. Everything above this package reads pixels
-through ``Slide``; nothing here imports from the rest of histopilot except ``errors``.
+through ``Slide``; nothing here imports from the rest of histopilot except ``errors`` and
+``storage``.
 """
 
 from histopilot.slide.models import MPP, LevelInfo, SlideInfo

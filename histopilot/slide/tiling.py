@@ -19,10 +19,11 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from histopilot.errors import OutputError, RegionError
+from histopilot.errors import RegionError
 from histopilot.slide.magnification import level0_extent, plan_read
 from histopilot.slide.slide import Slide, resize
 from histopilot.slide.tissue import TissueMask, detect_tissue
+from histopilot.storage import atomic_file
 
 #: Grids beyond this many tiles are refused: 10 M tiles of 256 px at 0.5 µm/px cover
 #: 650 cm² of tissue, far beyond any glass slide, so a bigger grid means a wrong resolution.
@@ -55,14 +56,8 @@ class TileGrid:
     def save_h5(self, path: str | Path) -> Path:
         """Write ``coords`` (+ ``tissue_fraction``) with the geometry as attributes."""
         path = Path(path)
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + ".partial")
-            with h5py.File(tmp, "w") as handle:
-                self.write_coords(handle)
-            tmp.replace(path)
-        except OSError as error:
-            raise OutputError(f"cannot write {path}: {error.strerror or error}") from error
+        with atomic_file(path) as tmp, h5py.File(tmp, "w") as handle:
+            self.write_coords(handle)
         return path
 
     def write_coords(self, handle: h5py.File) -> None:

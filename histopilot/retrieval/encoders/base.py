@@ -38,6 +38,14 @@ class PatchEncoder(ABC):
         """Whether ``encode_text`` is available."""
         return False
 
+    @property
+    def fingerprint(self) -> str:
+        """Changes whenever the vectors would: caches made under another fingerprint are stale.
+
+        Subclasses add what their output depends on beyond the name (weights, statistics).
+        """
+        return self.name
+
     def encode_images(self, images: ImageBatch, *, batch_size: int = 64) -> np.ndarray:
         """Unit-length float32 vectors (n, dim) for RGB uint8 images of any size."""
         batch = [as_rgb(image) for image in images]

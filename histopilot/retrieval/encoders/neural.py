@@ -9,6 +9,7 @@ and gated models (UNI, Virchow2, CONCH) load only for users who have accepted th
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -19,6 +20,7 @@ from PIL import Image
 
 from histopilot.errors import EncoderError
 from histopilot.retrieval.encoders.base import DEFAULT_MPP, PatchEncoder
+from histopilot.retrieval.vectors import normalized
 
 ImageForward = Callable[[torch.Tensor], torch.Tensor]
 TextForward = Callable[[Sequence[str], torch.device], torch.Tensor]
@@ -36,11 +38,13 @@ class TorchEncoder(PatchEncoder):
         image_forward: ImageForward,
         text_forward: TextForward | None = None,
         device: torch.device,
+        weights_digest: str,
         tile_size: int = 224,
         mpp: float = DEFAULT_MPP,
     ) -> None:
         self.name, self.dim, self.tile_size, self.mpp = name, dim, tile_size, mpp
         self.device = device
+        self._weights = weights_digest
         self._transform = transform
         self._image_forward = image_forward
         self._text_forward = text_forward
@@ -48,6 +52,10 @@ class TorchEncoder(PatchEncoder):
     @property
     def has_text(self) -> bool:
         return self._text_forward is not None
+
+    @property
+    def fingerprint(self) -> str:
+        return f"{self.name}:{self._weights}"
 
     def _embed_images(self, images: list[np.ndarray]) -> np.ndarray:
         pixels = torch.stack([self._transform(Image.fromarray(image)) for image in images])
@@ -59,9 +67,16 @@ class TorchEncoder(PatchEncoder):
         if self._text_forward is None:
             return super().encode_text(texts)
         with torch.inference_mode():
-            features = self._text_forward(list(texts), self.device).float().cpu().numpy()
-        norms = np.linalg.norm(features, axis=1, keepdims=True)
-        return features / np.maximum(norms, 1e-12)
+            return normalized(self._text_forward(list(texts), self.device).float().cpu().numpy())
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """A short digest of a model's weights: its parameter count and the sum of each
+    parameter tensor, enough to tell two checkpoints of one architecture apart."""
+    with torch.inference_mode():
+        sums = [float(p.detach().double().sum()) for p in model.parameters()]
+    count = sum(p.numel() for p in model.parameters())
+    return hashlib.sha256(repr((count, sums)).encode()).hexdigest()[:16]
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -131,6 +146,7 @@ def load_open_clip(model: str, pretrained: str | None, *, name: str, device: str
         image_forward=network.encode_image,
         text_forward=text_forward,
         device=target,
+        weights_digest=weights_digest(network),
         tile_size=_input_size(transform),
     )
 
@@ -161,6 +177,7 @@ def load_hf_clip(model: str, *, name: str, device: str | None):
         image_forward=image_forward,
         text_forward=text_forward,
         device=target,
+        weights_digest=weights_digest(network),
         tile_size=network.config.vision_config.image_size,
     )
 
@@ -206,6 +223,7 @@ def load_timm(
         transform=transform,
         image_forward=image_forward,
         device=target,
+        weights_digest=weights_digest(network),
         tile_size=_input_size(transform),
     )
 

@@ -10,6 +10,7 @@ function of its tile: the same tile gives the same vector in every index and eve
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -17,16 +18,19 @@ from functools import cache
 from importlib import resources
 from pathlib import Path
 
+import cv2
 import numpy as np
 
 from histopilot.retrieval.encoders.base import PatchEncoder
 from histopilot.retrieval.encoders.handcrafted import feature_groups
-from histopilot.retrieval.storage import atomic_file
+from histopilot.storage import atomic_file
 
 REFERENCE_FILE = "offline_reference.json"
 #: Features whose spread on the reference tiles is below this are treated as this spread,
 #: so a nearly constant column cannot blow up on an unusual tile.
 MIN_REFERENCE_STD = 1e-3
+#: Bump when ``handcrafted`` computes any feature differently: cached vectors become stale.
+FEATURES_VERSION = 1
 #: Tiles per worker thread: OpenCV and NumPy release the GIL, so threads share the work.
 CHUNK = 16
 
@@ -43,6 +47,12 @@ class OfflineEncoder(PatchEncoder):
         self.dim = int(sum(len(mean) for mean, _ in self._reference.values()))
         self._workers = workers
 
+    @property
+    def fingerprint(self) -> str:
+        """The name, the feature-code version and a digest of the reference statistics."""
+        digest = hashlib.sha256(_reference_text().encode()).hexdigest()[:16]
+        return f"{self.name}:v{FEATURES_VERSION}:{digest}"
+
     def _embed_images(self, images: list[np.ndarray]) -> np.ndarray:
         chunks = [images[start : start + CHUNK] for start in range(0, len(images), CHUNK)]
         with ThreadPoolExecutor(max_workers=self._workers) as pool:
@@ -50,7 +60,7 @@ class OfflineEncoder(PatchEncoder):
         return np.concatenate(parts)
 
     def _embed_chunk(self, images: list[np.ndarray]) -> np.ndarray:
-        groups = feature_groups(_same_size(images))
+        groups = feature_groups(_at_tile_size(images, self.tile_size))
         columns = []
         for name, (mean, std) in self._reference.items():
             standardised = (groups[name] - mean) / std
@@ -58,23 +68,33 @@ class OfflineEncoder(PatchEncoder):
         return np.concatenate(columns, axis=1).astype(np.float32)
 
 
-def _same_size(images: list[np.ndarray]) -> np.ndarray:
-    """Stack a batch, centre-cropping to the smallest tile so shapes agree."""
-    height = min(image.shape[0] for image in images)
-    width = min(image.shape[1] for image in images)
+def _at_tile_size(images: list[np.ndarray], size: int) -> np.ndarray:
+    """Each image scaled so its short side is ``size``, then centre-cropped to a square, as
+    the neural encoders' transforms do: a tile's vector never depends on its batch-mates."""
 
-    def crop(image: np.ndarray) -> np.ndarray:
-        top, left = (image.shape[0] - height) // 2, (image.shape[1] - width) // 2
-        return image[top : top + height, left : left + width]
+    def fit(image: np.ndarray) -> np.ndarray:
+        height, width = image.shape[:2]
+        scale = size / min(height, width)
+        if scale != 1:
+            shape = (max(size, round(width * scale)), max(size, round(height * scale)))
+            image = cv2.resize(
+                image, shape, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
+            )
+        top, left = (image.shape[0] - size) // 2, (image.shape[1] - size) // 2
+        return image[top : top + size, left : left + size]
 
-    return np.stack([crop(image) for image in images])
+    return np.stack([fit(image) for image in images])
+
+
+@cache
+def _reference_text() -> str:
+    return resources.files(__package__).joinpath(REFERENCE_FILE).read_text(encoding="utf-8")
 
 
 @cache
 def load_reference() -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Per-group feature means and spreads shipped with the package."""
-    text = resources.files(__package__).joinpath(REFERENCE_FILE).read_text(encoding="utf-8")
-    groups = json.loads(text)["groups"]
+    groups = json.loads(_reference_text())["groups"]
     return {
         name: (
             np.asarray(stats["mean"], np.float32),

@@ -192,7 +192,7 @@ def load_oncotree(path: str | Path) -> list[Passage]:
     path = _existing_file(path, "OncoTree file")
     try:
         tree = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
         raise KnowledgeSourceError(
             f"the OncoTree file {path} is not valid JSON ({error}); download the tree again "
             "from the OncoTree API (tumorTypes/tree)."
@@ -202,11 +202,17 @@ def load_oncotree(path: str | Path) -> list[Passage]:
             f"{path} is JSON but not an OncoTree tree (expected {{'TISSUE': {{'code', 'name', "
             "'children', ...}}}}); give the tree export of the OncoTree API."
         )
-    passages: list[Passage] = []
-    for root in tree.values():
-        for node, chain in _walk_oncotree(root, [], path):
-            passages.append(_oncotree_passage(node, chain, path.name))
-    return passages
+    try:
+        return [
+            _oncotree_passage(node, chain, path.name)
+            for root in tree.values()
+            for node, chain in _walk_oncotree(root, [], path)
+        ]
+    except (RecursionError, TypeError, AttributeError, KeyError, ValueError) as error:
+        raise KnowledgeSourceError(
+            f"{path} has a malformed OncoTree node ({type(error).__name__}: {error}); give the "
+            "tree export of the OncoTree API."
+        ) from error
 
 
 def _is_oncotree(tree: Any) -> bool:
@@ -272,8 +278,11 @@ def _oncotree_passage(node: dict[str, Any], ancestors: list[str], file: str) -> 
 # --- Documents ----------------------------------------------------------------------------
 
 
-def load_document(path: str | Path) -> list[Passage]:
+def load_document(path: str | Path, *, name: str | None = None) -> list[Passage]:
     """Chunks of about ``CHUNK_WORDS`` words, cut at paragraph ends where possible.
+
+    ``name`` is how the document is cited (default: its file name); a folder of sources
+    passes the path inside the folder, so ``breast/README.md`` and ``lung/README.md`` differ.
 
     Each chunk's text is exactly ``document[char_start:char_end]``, so a citation can be
     highlighted in the source. Markdown headings start a new chunk and title the chunks
@@ -281,6 +290,7 @@ def load_document(path: str | Path) -> list[Passage]:
     never cross a page and their offsets are into that page's text.
     """
     path = _existing_file(path, "document")
+    name = name or path.name
     suffix = path.suffix.lower()
     if suffix not in DOCUMENT_SUFFIXES:
         raise KnowledgeSourceError(
@@ -302,12 +312,12 @@ def load_document(path: str | Path) -> list[Passage]:
         for chunk_start, chunk_end in _chunks(text, start, end):
             passages.append(
                 Passage(
-                    id=f"doc:{path.name}#{len(passages)}",
+                    id=f"doc:{name}#{len(passages)}",
                     title=title,
                     text=text[chunk_start:chunk_end],
                     source=SourceRef(
                         kind="document",
-                        file=path.name,
+                        file=name,
                         page=page,
                         char_start=chunk_start,
                         char_end=chunk_end,
@@ -413,8 +423,8 @@ def load_sources(paths: Iterable[str | Path]) -> list[Passage]:
     """
     passages: dict[str, Passage] = {}
     replaced: list[str] = []
-    for file in _source_files(paths):
-        incoming = _load_file(file)
+    for file, name in _source_files(paths):
+        incoming = _load_file(file, name)
         clashes = [passage.id for passage in incoming if passage.id in passages]
         stale = {passages[key].source.file for key in clashes if key.startswith("doc:")}
         passages = {
@@ -434,27 +444,28 @@ def load_sources(paths: Iterable[str | Path]) -> list[Passage]:
     return list(passages.values())
 
 
-def _source_files(paths: Iterable[str | Path]) -> Iterator[Path]:
+def _source_files(paths: Iterable[str | Path]) -> Iterator[tuple[Path, str]]:
+    """Each source file with the name it is cited by (its path inside a given folder)."""
     for path in map(Path, paths):
         if path.is_dir():
             yield from sorted(
-                file
+                (file, file.relative_to(path).as_posix())
                 for file in path.rglob("*")
                 if file.is_file()
                 and file.suffix.lower() in SUPPORTED_SUFFIXES
                 and not any(part.startswith(".") for part in file.relative_to(path).parts)
             )
         else:
-            yield path
+            yield path, path.name
 
 
-def _load_file(path: Path) -> list[Passage]:
+def _load_file(path: Path, name: str) -> list[Passage]:
     suffix = path.suffix.lower()
     if suffix == ".obo":
         return load_obo(path)
     if suffix == ".json":
         return load_oncotree(path)
-    return load_document(path)
+    return load_document(path, name=name)
 
 
 def _existing_file(path: str | Path, what: str) -> Path:

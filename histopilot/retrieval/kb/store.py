@@ -30,15 +30,15 @@ import numpy as np
 from bm25s.stopwords import STOPWORDS_EN
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from histopilot.errors import KnowledgeSourceError, OutputError, SearchIndexError
+from histopilot.errors import KnowledgeSourceError, SearchIndexError
 from histopilot.retrieval.kb.embedder import (
     DEFAULT_EMBEDDER,
     load_cross_encoder,
     load_text_embedder,
 )
 from histopilot.retrieval.kb.sources import Passage, SourceRef
-from histopilot.retrieval.storage import atomic_directory
 from histopilot.retrieval.vectors import build_faiss_index, read_index, search, write_index
+from histopilot.storage import atomic_directory, check_new_output_folder
 
 if TYPE_CHECKING:
     import faiss
@@ -207,7 +207,7 @@ class KnowledgeBase:
         """
         model = load_text_embedder(embedder, device)
         out = Path(out).expanduser()
-        _check_replaceable(out)
+        check_new_output_folder(out, what="knowledge base", replaceable_marker=MANIFEST)
         with atomic_directory(out) as folder:
             rows = list(passages)
             if not rows:
@@ -391,15 +391,6 @@ def _passages(connection: sqlite3.Connection, rows: list[int]) -> dict[int, Pass
         f"SELECT {_COLUMNS} FROM passages WHERE row_id IN ({marks})", rows
     ).fetchall()
     return {record[0]: _passage_from_record(record) for record in records}
-
-
-def _check_replaceable(out: Path) -> None:
-    """Refuse to replace anything but an earlier knowledge base (or an empty folder)."""
-    if out.is_file() or (out.is_dir() and not (out / MANIFEST).is_file() and any(out.iterdir())):
-        raise OutputError(
-            f"{out} exists and is not a knowledge base, so building there would delete it; "
-            "choose a new folder for the knowledge base."
-        )
 
 
 def _check_unique(rows: list[Passage]) -> None:

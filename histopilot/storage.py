@@ -71,3 +71,21 @@ def _make_parent(path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise OutputError(f"cannot create {path.parent}: {error.strerror or error}") from error
+
+
+def check_new_output_folder(path: Path, *, what: str, replaceable_marker: str | None) -> None:
+    """Refuse to build ``what`` where ``atomic_directory`` would delete someone's files.
+
+    An absent or empty folder is fine; so is an earlier ``what`` (recognised by the file
+    ``replaceable_marker`` inside it) when rebuilding one is allowed at all.
+    """
+    if path.is_file():
+        raise OutputError(f"{path} is a file; choose a folder for the {what}.")
+    if not path.is_dir() or not any(path.iterdir()):
+        return
+    if replaceable_marker is not None and (path / replaceable_marker).is_file():
+        return
+    raise OutputError(
+        f"{path} already exists and is not empty, so building the {what} there would delete "
+        "its contents; choose a new folder."
+    )
