@@ -10,7 +10,9 @@ and gated models (UNI, Virchow2, CONCH) load only for users who have accepted th
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any
 
@@ -22,6 +24,7 @@ from histopilot.errors import EncoderError
 from histopilot.retrieval.encoders.base import DEFAULT_MPP, PatchEncoder
 from histopilot.retrieval.vectors import normalized
 
+PREPROCESS_THREADS = min(16, os.cpu_count() or 1)
 ImageForward = Callable[[torch.Tensor], torch.Tensor]
 TextForward = Callable[[Sequence[str], torch.device], torch.Tensor]
 
@@ -58,10 +61,16 @@ class TorchEncoder(PatchEncoder):
         return f"{self.name}:{self._weights}"
 
     def _embed_images(self, images: list[np.ndarray]) -> np.ndarray:
-        pixels = torch.stack([self._transform(Image.fromarray(image)) for image in images])
+        # Preprocessing (PIL resize, crop, normalise) costs more than a GPU forward pass, so
+        # it runs on a thread per core; PIL and torch release the GIL while they work.
+        with ThreadPoolExecutor(max_workers=PREPROCESS_THREADS) as pool:
+            pixels = torch.stack(list(pool.map(self._preprocess, images)))
         with torch.inference_mode():
             features = self._image_forward(pixels.to(self.device))
         return features.float().cpu().numpy()
+
+    def _preprocess(self, image: np.ndarray) -> torch.Tensor:
+        return self._transform(Image.fromarray(image))
 
     def encode_text(self, texts: Sequence[str]) -> np.ndarray:
         if self._text_forward is None:
@@ -73,8 +82,8 @@ class TorchEncoder(PatchEncoder):
 def weights_digest(model: torch.nn.Module) -> str:
     """A short digest of a model's weights: its parameter count and the sum of each
     parameter tensor, enough to tell two checkpoints of one architecture apart."""
-    with torch.inference_mode():
-        sums = [float(p.detach().double().sum()) for p in model.parameters()]
+    with torch.inference_mode():  # summed on the CPU, so the digest is the same on any device
+        sums = [float(p.detach().to("cpu", torch.float64).sum()) for p in model.parameters()]
     count = sum(p.numel() for p in model.parameters())
     return hashlib.sha256(repr((count, sums)).encode()).hexdigest()[:16]
 
