@@ -466,12 +466,10 @@ def index_build(
 ) -> None:
     """Embed the tissue tiles of SLIDES and index them for similar-patch and slide search."""
     from histopilot.retrieval.patch_index import PatchIndex
-    from histopilot.retrieval.vectors import INDEX_KINDS
-
-    if kind not in INDEX_KINDS:
-        raise HistopilotError(f"unknown index kind {kind!r}; choose one of {INDEX_KINDS}.")
+    from histopilot.retrieval.vectors import checked_kind
     from histopilot.storage import atomic_directory, check_new_output_folder
 
+    checked_kind(kind)  # before the encoder loads, which can take a while
     check_new_output_folder(out, what="patch index", replaceable_marker=None)
     patch_encoder = _patch_encoder(encoder, device, config)
     # Built aside and moved into place at the end: a failed build leaves nothing behind.
@@ -480,8 +478,7 @@ def index_build(
             building, encoder=patch_encoder.name, dim=patch_encoder.dim, kind=kind
         )
         added = _index_slides(index, patch_encoder, slides, label, slide_mpp)
-    summary = {"index": str(out), "encoder": patch_encoder.name, "added": added}
-    _report(summary | {"patches": len(index)}, as_json, f"indexed {added} → {out}")
+    _report_indexed(out, patch_encoder.name, added, len(index), as_json)
 
 
 @index_app.command("add")
@@ -501,8 +498,7 @@ def index_add(
     index = PatchIndex.open(index_path)
     patch_encoder = load_encoder(index.encoder, device=device)
     added = _index_slides(index, patch_encoder, slides, label, slide_mpp)
-    summary = {"index": str(index_path), "encoder": patch_encoder.name, "added": added}
-    _report(summary | {"patches": len(index)}, as_json, f"indexed {added} → {index_path}")
+    _report_indexed(index_path, patch_encoder.name, added, len(index), as_json)
 
 
 @index_app.command("remove")
@@ -531,7 +527,7 @@ def index_rebuild(
     from histopilot.retrieval.patch_index import PatchIndex
 
     index = PatchIndex.open(index_path, check=False)
-    index.rebuild(kind)  # type: ignore[arg-type]
+    index.rebuild(kind)
     info = index.info()
     _report(info, as_json, f"rebuilt {index_path}: {len(index)} patches ({info['kind']})")
 
@@ -571,6 +567,13 @@ def _index_slides(index, encoder, slides, label, slide_mpp) -> dict[str, int]:
                 )
             added[features.slide_id] = index.add_slide(features, label=label)
     return added
+
+
+def _report_indexed(
+    index_path: Path, encoder: str, added: dict[str, int], patches: int, as_json: bool
+) -> None:
+    summary = {"index": str(index_path), "encoder": encoder, "added": added, "patches": patches}
+    _report(summary, as_json, f"indexed {added} → {index_path}")
 
 
 def _report(data: dict, as_json: bool, line: str) -> None:

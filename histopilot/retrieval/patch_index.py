@@ -30,10 +30,10 @@ from pydantic import BaseModel, Field
 from histopilot.errors import SearchIndexError
 from histopilot.retrieval.features import SlideFeatures
 from histopilot.retrieval.vectors import (
-    INDEX_KINDS,
     IVF_MIN_TRAIN,
     IndexKind,
     build_faiss_index,
+    checked_kind,
     forget_gpu_copy,
     index_kind,
     normalized,
@@ -124,7 +124,7 @@ class PatchIndex:
         cls, path: str | Path, *, encoder: str, dim: int, kind: IndexKind = "flat"
     ) -> PatchIndex:
         """A new, empty index folder (refused if one is already there)."""
-        path = Path(path)
+        path, kind = Path(path), checked_kind(kind)
         if (path / MANIFEST).exists() or (path / METADATA).exists():
             raise SearchIndexError(
                 f"{path} already holds an index; add to it with `histopilot index add`, or "
@@ -397,10 +397,8 @@ class PatchIndex:
     def rebuild(self, kind: IndexKind | None = None) -> None:
         """Rebuild the search structure and manifest from the metadata table (optionally as
         another kind)."""
-        if kind is not None and kind not in INDEX_KINDS:
-            raise SearchIndexError(f"unknown index kind {kind!r}; choose one of {INDEX_KINDS}.")
         with self._writing():
-            self._rebuild_from_table(kind or self.manifest.kind)
+            self._rebuild_from_table(checked_kind(kind) if kind else self.manifest.kind)
 
     def _rebuild_from_table(self, kind: IndexKind) -> None:
         dim = self.manifest.dim

@@ -208,10 +208,10 @@ def search_slides(
         if not hits:
             continue
         tally = Counter(hit.slide_id for hit in hits)
-        top = max(tally, key=lambda slide: (tally[slide], max_score(hits, slide)))
+        top = max(tally, key=lambda slide: (tally[slide], _max_score(hits, slide)))
         votes[top] += 1
         for slide in tally:
-            best.setdefault(slide, []).append(max_score(hits, slide))
+            best.setdefault(slide, []).append(_max_score(hits, slide))
             examples.setdefault(slide, []).extend(h for h in hits if h.slide_id == slide)
     labels = {entry.slide_id: entry for entry in index.slides()}
     ranked = sorted(
@@ -233,7 +233,7 @@ def search_slides(
     ]
 
 
-def max_score(hits: list[PatchHit], slide_id: str) -> float:
+def _max_score(hits: list[PatchHit], slide_id: str) -> float:
     return max(hit.score for hit in hits if hit.slide_id == slide_id)
 
 

@@ -55,6 +55,13 @@ def normalized(vectors: np.ndarray) -> np.ndarray:
     return np.divide(array, norms, out=np.zeros_like(array), where=norms > 0)
 
 
+def checked_kind(kind: str) -> IndexKind:
+    """``kind`` if it names an index kind, else a clear error."""
+    if kind not in INDEX_KINDS:
+        raise SearchIndexError(f"unknown index kind {kind!r}; choose one of {INDEX_KINDS}.")
+    return kind  # type: ignore[return-value]
+
+
 def build_faiss_index(
     vectors: np.ndarray,
     ids: np.ndarray | None = None,
@@ -63,8 +70,7 @@ def build_faiss_index(
     seed: int = 0,
 ) -> faiss.Index:
     """An index of ``kind`` holding ``vectors`` (normalised here) under ``ids`` (0..n-1)."""
-    if kind not in INDEX_KINDS:
-        raise SearchIndexError(f"unknown index kind {kind!r}; choose one of {INDEX_KINDS}.")
+    kind = checked_kind(kind)
     vectors = normalized(vectors)
     count, dim = vectors.shape
     ids = np.arange(count, dtype=np.int64) if ids is None else np.asarray(ids, dtype=np.int64)
