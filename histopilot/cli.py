@@ -27,7 +27,7 @@ from histopilot.errors import HistopilotError, OutputError
 from histopilot.serve.vllm_launch import LaunchPlan, VLLMServer, plan_servers, run_servers
 from histopilot.slide import Slide, SlideInfo, detect_tissue, open_slide
 from histopilot.slide.demo import build_demo_slide
-from histopilot.slide.render import draw_regions, draw_tissue_outline, save_png
+from histopilot.slide.render import draw_tissue_outline, save_png
 from histopilot.slide.tiling import TileGrid, iter_tiles, tile_grid
 
 app = typer.Typer(
@@ -287,6 +287,261 @@ def _write_text(path: Path, text: str) -> None:
         raise OutputError(f"cannot write {path}: {error.strerror or error}") from error
 
 
+# -- analysis -------------------------------------------------------------------------------
+Question = Annotated[
+    str | None, typer.Option("--question", "-q", help="What to look for or answer.")
+]
+Budget = Annotated[
+    int | None, typer.Option("--budget", min=1, help="Regions per trajectory, at most.")
+]
+Trajectories = Annotated[
+    int | None, typer.Option("--trajectories", min=1, help="Seeded trajectories that vote.")
+]
+Seed = Annotated[
+    int | None, typer.Option("--seed", help="Navigation seed (same seed, same regions).")
+]
+Thread = Annotated[
+    str | None, typer.Option("--thread", help="Thread id: resumes that thread when it exists.")
+]
+ReferenceBank = Annotated[
+    Path | None,
+    typer.Option("--reference", help="Labelled patch index for k-NN evidence (`index images`)."),
+]
+Knowledge = Annotated[
+    Path | None, typer.Option("--knowledge", help="Knowledge base folder (`kb build`).")
+]
+
+
+@app.command("analyze")
+@reports_user_errors
+def analyze(
+    slide_path: SlidePath,
+    question: Question = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Output folder (default: <slide>-analysis).")
+    ] = None,
+    budget: Budget = None,
+    trajectories: Trajectories = None,
+    seed: Seed = None,
+    review: Annotated[
+        bool, typer.Option("--review", help="Pause for your approval before the report is final.")
+    ] = False,
+    thread: Thread = None,
+    reference: ReferenceBank = None,
+    knowledge: Knowledge = None,
+    slide_mpp: SlideMPP = None,
+    config: ConfigPath = None,
+    profile: Profile = None,
+    as_json: AsJson = False,
+) -> None:
+    """Read a slide with the agents; write report.md, analysis.json, overlay.png and
+    regions.geojson (QuPath-compatible)."""
+    from histopilot.storage import check_new_output_folder
+
+    out = out or Path(f"{_output_name(slide_path)}-analysis")
+    if thread is None:
+        check_new_output_folder(out, what="analysis", replaceable_marker="analysis.json")
+    overrides = {
+        "budget": budget,
+        "trajectories": trajectories,
+        "seed": seed,
+        "review": review or None,
+        "reference_bank": reference and str(reference),
+        "knowledge_base": knowledge and str(knowledge),
+    }
+    _analyze_into(
+        slide_path,
+        out,
+        load_config(config, profile=profile),
+        overrides,
+        question,
+        thread,
+        slide_mpp,
+        as_json,
+    )
+
+
+def _analyze_into(
+    slide_path: Path,
+    out: Path,
+    config: HistopilotConfig,
+    overrides: dict,
+    question: str | None,
+    thread: str | None,
+    slide_mpp: float | None,
+    as_json: bool,
+    extra: dict | None = None,
+) -> None:
+    from histopilot.agents.checkpoints import open_checkpointer
+    from histopilot.agents.context import AgentContext
+    from histopilot.agents.outputs import write_outputs
+    from histopilot.agents.run import run_analysis
+
+    if not slide_path.exists():
+        raise HistopilotError(f"no slide at {slide_path}.")
+    context = AgentContext.from_config(config, slide_mpp=slide_mpp, **overrides)
+    try:
+        with open_checkpointer(
+            context.settings.checkpoints, out / "checkpoints.sqlite"
+        ) as checkpointer:
+            run = run_analysis(
+                slide_path,
+                context,
+                checkpointer,
+                question=question,
+                thread_id=thread,
+                on_progress=lambda line: stderr.print(f"[dim]{escape(line)}[/]", highlight=False),
+                on_review=_ask_reviewer,
+            )
+        if "report" not in run.state:
+            raise HistopilotError(
+                f"the analysis is paused for review; resume it with --thread {run.thread_id}."
+            )
+        files = write_outputs(
+            run.state, context.workspace(run.state["slide"]), out, thread_id=run.thread_id
+        )
+    finally:
+        context.close()
+    diagnosis = run.state["diagnosis"]
+    summary = {
+        "thread_id": run.thread_id,
+        "seconds": round(run.seconds, 2),
+        "assessment": diagnosis.statement,
+        "confidence": diagnosis.confidence,
+        "regions": len(run.state.get("regions", {})),
+        "tissue_tiles": run.state["triage"].tiles,
+        "outputs": files.model_dump(),
+        "notice": run.state["report"].notice,
+        **(extra or {}),
+    }
+    if as_json:
+        _print_json(summary)
+        return
+    stderr.print(escape(diagnosis.statement), highlight=False, soft_wrap=True)
+    stderr.print(
+        f"{summary['regions']} regions examined (an exhaustive pass: {summary['tissue_tiles']} "
+        f"tiles) in {summary['seconds']} s; thread {run.thread_id}. Outputs in {out}/",
+        highlight=False,
+    )
+    stderr.print(f"[bold]{escape(summary['notice'])}[/]", highlight=False)
+
+
+def _ask_reviewer(payload: dict) -> dict:
+    """Show the draft and ask the person at the terminal to approve or return it."""
+    report = payload["report"]
+    stderr.print(f"[bold]{escape(report['title'])}[/]\n{escape(report['diagnosis'])}")
+    for statement in report["findings"]:
+        stderr.print(f"  - {escape(statement['text'])}", highlight=False)
+    approve = typer.confirm("Approve this draft?", default=False, err=True)
+    note = typer.prompt("Note for the record", default="", show_default=False, err=True)
+    return {"approve": approve, "note": note}
+
+
+@app.command("chat")
+@reports_user_errors
+def chat(
+    slide_path: SlidePath,
+    thread: Thread = None,
+    reference: ReferenceBank = None,
+    knowledge: Knowledge = None,
+    slide_mpp: SlideMPP = None,
+    config: ConfigPath = None,
+    profile: Profile = None,
+) -> None:
+    """Chat with a slide in the terminal; the thread resumes across runs with --thread.
+
+    Commands: /analyze [question], /describe REGION, /regions, /report, /help, /quit.
+    Free questions need an orchestrator model (see `histopilot models`).
+    """
+    import platformdirs
+
+    from histopilot.agents.chat import ChatSession
+    from histopilot.agents.checkpoints import open_checkpointer
+    from histopilot.agents.context import AgentContext
+
+    if not slide_path.exists():
+        raise HistopilotError(f"no slide at {slide_path}.")
+    overrides = {
+        "reference_bank": reference and str(reference),
+        "knowledge_base": knowledge and str(knowledge),
+    }
+    context = AgentContext.from_config(
+        load_config(config, profile=profile), slide_mpp=slide_mpp, **overrides
+    )
+    default_store = Path(platformdirs.user_data_dir("histopilot")) / "threads.sqlite"
+    console = Console()
+    try:
+        with open_checkpointer(context.settings.checkpoints, default_store) as checkpointer:
+            session = ChatSession(context, slide_path, checkpointer, thread_id=thread)
+            console.print(
+                f"histopilot chat on {escape(slide_path.name)} (thread {session.thread_id}; "
+                "/help for commands). Answers are drafts for pathologist review, not diagnoses.",
+                highlight=False,
+            )
+            _chat_loop(session, console)
+    finally:
+        context.close()
+
+
+def _chat_loop(session, console: Console) -> None:
+    from histopilot.agents.outputs import report_markdown
+
+    while True:
+        try:
+            line = console.input("[bold]you>[/] ").strip()
+        except (EOFError, KeyboardInterrupt):
+            break
+        if not line:
+            continue
+        command, _, argument = line.partition(" ")
+        try:
+            if command in ("/quit", "/exit"):
+                break
+            if command == "/help":
+                console.print(escape(chat.__doc__ or ""), highlight=False)
+            elif command == "/regions":
+                _print_regions(session.state, console)
+            elif command == "/report":
+                state = session.state
+                console.print(
+                    escape(report_markdown(state))
+                    if "report" in state
+                    else "No report yet: run /analyze first.",
+                    highlight=False,
+                )
+            elif command == "/analyze":
+                console.print(escape(session.analyze(argument or None)), highlight=False)
+            elif command == "/describe":
+                finding = session.describe(argument.strip())
+                console.print(f"{finding.region_id}: {escape(finding.text)}", highlight=False)
+            elif command.startswith("/"):
+                console.print(f"unknown command {escape(command)}; /help lists them.")
+            else:
+                console.print(f"[bold]histopilot>[/] {escape(session.ask(line))}", highlight=False)
+        except HistopilotError as error:
+            console.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False)
+
+
+def _print_regions(state: dict, console: Console) -> None:
+    regions = state.get("regions", {})
+    if not regions:
+        console.print("No regions yet: run /analyze or describe a region.")
+        return
+    findings = state.get("findings", {})
+    table = Table("region", "power", "x", "y", "size", "finding")
+    for region in sorted(regions.values(), key=lambda r: r.id):
+        finding = findings.get(region.id)
+        table.add_row(
+            region.id,
+            region.magnification,
+            str(region.x),
+            str(region.y),
+            f"{region.width}×{region.height}",
+            escape(finding.text[:90]) if finding else "",
+        )
+    console.print(table)
+
+
 # -- demo -----------------------------------------------------------------------------------
 @app.command("demo")
 @reports_user_errors
@@ -294,51 +549,28 @@ def demo(
     out: Annotated[Path, typer.Option("--out", help="Output folder.")] = Path("histopilot-demo"),
     as_json: AsJson = False,
 ) -> None:
-    """Run histopilot on the built-in demo slide (no GPU, no downloads).
+    """Run the full offline analysis on the built-in demo slide (no GPU, no downloads).
 
-    Builds the demo slide, then writes its info, tissue mask, outlined thumbnail and tile grid.
+    Builds the demo slide, then writes report.md, analysis.json, overlay.png and
+    regions.geojson, as `histopilot analyze` does for any slide.
     """
+    from histopilot.storage import check_new_output_folder
+
+    check_new_output_folder(out, what="demo", replaceable_marker="analysis.json")
     slide_path = build_demo_slide(out / "demo-slide.tif")
-    with open_slide(slide_path) as slide:
-        info = slide.info
-        tissue = detect_tissue(slide)
-        overview, downsample = slide.overview(max_size=1024)
-        grid = tile_grid(slide, mpp=0.5, tile_size=256, tissue=tissue)
-    outputs = {
-        "slide": str(slide_path),
-        "info": str(_write_json(out / "slide-info.json", info)),
-        "tissue_mask": str(save_png(tissue.mask, out / "tissue-mask.png")),
-        "thumbnail": str(
-            save_png(draw_tissue_outline(overview, tissue, downsample), out / "thumbnail.png")
-        ),
-        "tile_grid": str(grid.save_h5(out / "tiles.h5")),
-        "tile_grid_picture": str(
-            save_png(
-                draw_regions(
-                    overview,
-                    downsample,
-                    [(x, y, grid.size_level0, grid.size_level0) for x, y in grid.coords],
-                ),
-                out / "tile-grid.png",
-            )
-        ),
-    }
-    summary = {
-        "note": "demo slide: a mosaic of one real IHC field from scikit-image, for demonstration",
-        "tiles": len(grid),
-        "tissue_fraction": tissue.tissue_fraction,
-        "outputs": outputs,
-    }
-    if as_json:
-        _print_json(summary)
-        return
-    _print_info(info)
-    stderr.print(
-        f"tissue {tissue.tissue_fraction:.1%} of the glass; {len(grid)} tiles of 256 px at "
-        f"0.5 µm/px. Outputs in {out}/"
+    config = HistopilotConfig()  # the embedded default (offline), whatever is configured
+    note = "demo slide: a mosaic of one real IHC field from scikit-image, for demonstration"
+    _analyze_into(
+        slide_path,
+        out,
+        config,
+        {"checkpoints": str(out / "checkpoints.sqlite")},
+        None,
+        None,
+        None,
+        as_json,
+        extra={"slide": str(slide_path), "note": note},
     )
-    for name, value in outputs.items():
-        stderr.print(f"  {name:<18} {value}")
 
 
 def _write_json(path: Path, model: BaseModel) -> Path:
@@ -479,6 +711,57 @@ def index_build(
         )
         added = _index_slides(index, patch_encoder, slides, label, slide_mpp)
     _report_indexed(out, patch_encoder.name, added, len(index), as_json)
+
+
+@index_app.command("images")
+@reports_user_errors
+def index_images(
+    folder: Annotated[Path, typer.Argument(help="Folder of labelled patch images.")],
+    out: Annotated[Path, typer.Option("--out", help="New index folder.")],
+    labels: Annotated[
+        Path | None,
+        typer.Option(
+            "--labels",
+            help="CSV with file,label[,label_name,mpp] (default: FOLDER/labels.csv, else the "
+            "file-name prefix before '-' or '_').",
+        ),
+    ] = None,
+    image_mpp: Annotated[
+        float | None, typer.Option("--mpp", help="µm/px of the images, when the CSV has none.")
+    ] = None,
+    encoder: EncoderName = None,
+    device: Device = None,
+    config: ConfigPath = None,
+    as_json: AsJson = False,
+) -> None:
+    """Index labelled patch images as a reference bank for the agents' k-NN evidence."""
+    from histopilot.retrieval.patch_index import PatchIndex
+    from histopilot.retrieval.reference import add_labelled_images, read_labels
+    from histopilot.storage import atomic_directory, check_new_output_folder
+
+    images = read_labels(folder, labels)
+    if not images:
+        raise HistopilotError(f"no patch images in {folder}.")
+    check_new_output_folder(out, what="reference bank", replaceable_marker=None)
+    patch_encoder = _patch_encoder(encoder, device, config)
+    with atomic_directory(out) as building, _progress() as progress:
+        index = PatchIndex.create(building, encoder=patch_encoder.name, dim=patch_encoder.dim)
+        task = progress.add_task(folder.name, total=len(images))
+        add_labelled_images(
+            index,
+            patch_encoder,
+            images,
+            mpp=image_mpp,
+            progress=lambda done, total: progress.update(task, completed=done, total=total),
+        )
+        labels_found = {label: count for label, _, count in index.labels()}
+    summary = {
+        "index": str(out),
+        "encoder": patch_encoder.name,
+        "patches": len(images),
+        "labels": labels_found,
+    }
+    _report(summary, as_json, f"indexed {len(images)} labelled patches {labels_found} → {out}")
 
 
 @index_app.command("add")

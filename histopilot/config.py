@@ -147,6 +147,55 @@ class EncoderConfig(_Strict):
     )
 
 
+class AgentsConfig(_Strict):
+    """How the agent graph reads a slide, and the resources it may consult."""
+
+    budget: int = Field(12, ge=1, le=500, description="Regions described per trajectory, at most.")
+    trajectories: int = Field(3, ge=1, le=32, description="Seeded walks that vote.")
+    regions_per_step: int = Field(2, ge=1, le=16, description="Regions described in parallel.")
+    min_regions: int = Field(4, ge=1, description="Regions a trajectory sees before it may stop.")
+    stop_confidence: float = Field(
+        0.9, gt=0.0, le=1.0, description="A trajectory stops once its top hypothesis is this sure."
+    )
+    indeterminate_below: float = Field(
+        0.5, ge=0.0, le=1.0, description="Below this confidence the report says 'indeterminate'."
+    )
+    seed: int = Field(
+        0, description="Seed of the navigation; the same seed gives the same regions."
+    )
+    reference_bank: str | None = Field(
+        None, description="Patch index of labelled reference patches (k-NN evidence)."
+    )
+    knowledge_base: str | None = Field(None, description="Knowledge base folder (`kb build`).")
+    patch_index: str | None = Field(None, description="Patch index for similar-case search.")
+    mil_head: str | None = Field(None, description="Trained triage head folder (`finetune mil`).")
+    feature_cache: str | None = Field(
+        None, description="Folder caching tile embeddings (default: the user cache folder)."
+    )
+    checkpoints: str | None = Field(
+        None,
+        description="Where threads persist: a SQLite file path, 'memory', or a postgresql:// URL "
+        "(default: a SQLite file in the output or user data folder).",
+    )
+    recursion_limit: int = Field(400, ge=10, description="Graph steps per run, at most.")
+    review: bool = Field(
+        False, description="Pause before the report is final for a pathologist to review it."
+    )
+
+    @field_validator(
+        "reference_bank",
+        "knowledge_base",
+        "patch_index",
+        "mil_head",
+        "feature_cache",
+        "checkpoints",
+        mode="before",
+    )
+    @classmethod
+    def _empty_means_unset(cls, value: Any) -> Any:
+        return None if value == "" else value
+
+
 class VLLMConfig(_Strict):
     """Settings `histopilot serve-llm` passes to each ``vllm serve`` it starts."""
 
@@ -177,6 +226,7 @@ class HistopilotConfig(_Strict):
     profile: str = DEFAULT_PROFILE
     roles: Roles = Roles()
     encoders: EncoderConfig = EncoderConfig()
+    agents: AgentsConfig = AgentsConfig()
     vllm: VLLMConfig = VLLMConfig()
     sources: list[str] = Field(
         default_factory=list,

@@ -87,3 +87,23 @@ def isolated_config(tmp_path, monkeypatch):
     for name in list(os.environ):
         if name.startswith("HISTOPILOT_") and name != "HISTOPILOT_TEST_DATA":
             monkeypatch.delenv(name)
+
+
+@pytest.fixture(scope="session")
+def feature_cache(tmp_path_factory) -> Path:
+    """One tile-embedding cache for the session: each slide is embedded once."""
+    return tmp_path_factory.mktemp("features")
+
+
+@pytest.fixture(scope="session")
+def reference_bank_path(test_data: Path, tmp_path_factory) -> Path:
+    """The 32 labelled CRC-VAL-HE-7K patches as a reference bank (offline encoder)."""
+    from histopilot.retrieval.encoders import load_encoder
+    from histopilot.retrieval.patch_index import PatchIndex
+    from histopilot.retrieval.reference import add_labelled_images, read_labels
+
+    encoder = load_encoder("offline")
+    path = tmp_path_factory.mktemp("bank") / "crc"
+    index = PatchIndex.create(path, encoder=encoder.name, dim=encoder.dim)
+    add_labelled_images(index, encoder, read_labels(test_data / "patches" / "crc_val_he_7k", None))
+    return path

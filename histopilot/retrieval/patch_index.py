@@ -222,6 +222,15 @@ class PatchIndex:
             rows = db.execute(query).fetchall()
         return [SlideEntry(slide_id=a, slide_path=b, patches=c, label=d) for a, b, c, d in rows]
 
+    def labels(self) -> list[tuple[str, str | None, int]]:
+        """Each patch label in the index with its caption (the label's full name, when one was
+        given) and how many patches carry it."""
+        with self._db() as db:
+            return db.execute(
+                "SELECT label, MAX(caption), COUNT(*) FROM patches "
+                "WHERE label IS NOT NULL GROUP BY label ORDER BY label"
+            ).fetchall()
+
     def require_entries(self) -> None:
         """Refuse to search an empty index (before any costly query embedding)."""
         if self.manifest.count == 0:

@@ -205,14 +205,20 @@ def nucleus_features(hematoxylin: np.ndarray) -> np.ndarray:
     return np.stack([_nuclei_of(image) for image in hematoxylin])
 
 
-def _nuclei_of(hematoxylin: np.ndarray) -> np.ndarray:
+def nucleus_mask(hematoxylin: np.ndarray) -> np.ndarray:
+    """Nuclei of one image as a uint8 mask: hematoxylin above Otsu's threshold (and above
+    ``MIN_NUCLEUS_OD``), opened to drop specks."""
     scaled = np.clip(hematoxylin / STAIN_OD_MAX * 255, 0, 255).astype(np.uint8)
     smooth = cv2.GaussianBlur(scaled, (3, 3), 0)
     otsu, _ = cv2.threshold(smooth, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
     threshold = max(otsu, MIN_NUCLEUS_OD / STAIN_OD_MAX * 255)
-    mask = cv2.morphologyEx(
+    return cv2.morphologyEx(
         (smooth > threshold).astype(np.uint8), cv2.MORPH_OPEN, np.ones((3, 3), np.uint8)
     )
+
+
+def _nuclei_of(hematoxylin: np.ndarray) -> np.ndarray:
+    mask = nucleus_mask(hematoxylin)
     count, labels, stats, centroids = cv2.connectedComponentsWithStats(mask, connectivity=8)
     areas = stats[1:, cv2.CC_STAT_AREA].astype(np.float64)
     kept = np.flatnonzero(areas >= MIN_NUCLEUS_PX)
