@@ -21,6 +21,7 @@ def make_context(
     *,
     model: Any = None,
     reference: Path | None = None,
+    slide_mpp: float | None = None,
     **settings: Any,
 ) -> AgentContext:
     """A context with ``model`` in every role (offline when ``None``) and small defaults."""
@@ -31,6 +32,7 @@ def make_context(
         encoder=load_encoder("offline"),
         reference=ReferenceBank.open(reference) if reference else None,
         feature_cache=feature_cache,
+        slide_mpp=slide_mpp,
     )
 
 

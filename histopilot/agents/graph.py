@@ -55,9 +55,11 @@ def triage(state: AnalysisInput, runtime: Runtime[AgentContext]) -> Command:
     workspace = context.workspace(state["slide_path"])
     maps = workspace.maps
     settings = context.settings
-    # Riskier slides get up to the full budget; quiet ones down to 60 % of it.
-    budget = round(settings.budget * (0.6 + 0.4 * maps.risk))
-    budget = max(min(settings.min_regions, settings.budget), min(budget, settings.budget))
+    # Riskier slides get the full budget, quiet ones down to 75 % of it; never fewer regions
+    # than it takes to zoom from low through medium to high power.
+    budget = round(settings.budget * (0.75 + 0.25 * maps.risk))
+    floor = max(settings.min_regions, 2 * settings.regions_per_step + 1)
+    budget = min(settings.budget, max(budget, floor))
     result = TriageResult(
         risk=round(maps.risk, 4),
         method=maps.method,

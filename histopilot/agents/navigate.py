@@ -320,7 +320,7 @@ def navigate(state: TrajectoryState, runtime: Runtime[AgentContext]) -> Command:
         reason = "budget spent" if count <= 0 else "no unseen tissue left"
         return Command(goto=END, update={"stop_reason": reason, **_timed(started)})
     rng = np.random.default_rng([context.settings.seed, state["trajectory"], step])
-    chosen, why, warnings = _choose(context, state, offered, count, rng, target)
+    chosen, why, warnings = _choose(context, state, offered, count, rng, target, relevance)
     new = [
         to_region(
             candidate,
@@ -360,12 +360,13 @@ def _choose(
     count: int,
     rng: np.random.Generator,
     target: str | None,
+    relevance: np.ndarray | None,
 ) -> tuple[list[Candidate], str, list[str]]:
     """Sampled candidates, or the orchestrator's choice when a model drives navigation."""
     reason = (
         f"sampled by prior × relevance to {target!r} × novelty"
-        if target
-        else ("sampled by triage prior × novelty")
+        if target and relevance is not None
+        else "sampled by triage prior × novelty"
     )
     model = context.models.get("orchestrator")
     if is_offline(model):
