@@ -96,11 +96,14 @@ def test_thumbnail_is_written_at_the_asked_size(wsi_dir: Path, tmp_path: Path) -
     assert max(Image.open(out).size) == 512
 
 
-def test_demo_runs_on_a_fresh_folder(tmp_path: Path) -> None:
+def test_demo_runs_the_offline_analysis_on_a_fresh_folder(tmp_path: Path) -> None:
     result = runner.invoke(app, ["demo", "--out", str(tmp_path / "demo"), "--json"])
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
-    assert summary["tiles"] > 20
+    assert summary["tissue_tiles"] > 20
+    assert 0 < summary["regions"] < summary["tissue_tiles"]
+    assert "not a diagnosis" in summary["notice"]
+    assert sorted(summary["outputs"]) == ["analysis", "overlay", "regions", "report"]
     for output in summary["outputs"].values():
         assert Path(output).stat().st_size > 0
 
