@@ -288,6 +288,8 @@ def _write_text(path: Path, text: str) -> None:
 
 
 # -- analysis -------------------------------------------------------------------------------
+#: Written first into every analysis folder; its presence marks a folder analyze may reuse.
+CHECKPOINTS_FILE = "checkpoints.sqlite"
 Question = Annotated[
     str | None, typer.Option("--question", "-q", help="What to look for or answer.")
 ]
@@ -339,8 +341,8 @@ def analyze(
     from histopilot.storage import check_new_output_folder
 
     out = out or Path(f"{_output_name(slide_path)}-analysis")
-    if thread is None:
-        check_new_output_folder(out, what="analysis", replaceable_marker="analysis.json")
+    if thread is None:  # a new thread; an existing one resumes in its own folder
+        check_new_output_folder(out, what="analysis", replaceable_marker=CHECKPOINTS_FILE)
     overrides = {
         "budget": budget,
         "trajectories": trajectories,
@@ -375,14 +377,16 @@ def _analyze_into(
     from histopilot.agents.checkpoints import open_checkpointer
     from histopilot.agents.context import AgentContext
     from histopilot.agents.outputs import write_outputs
-    from histopilot.agents.run import run_analysis
+    from histopilot.agents.run import new_thread_id, run_analysis
 
     if not slide_path.exists():
         raise HistopilotError(f"no slide at {slide_path}.")
+    thread = thread or new_thread_id()
+    stderr.print(f"thread {thread} (resume it with --thread {thread})", highlight=False)
     context = AgentContext.from_config(config, slide_mpp=slide_mpp, **overrides)
     try:
         with open_checkpointer(
-            context.settings.checkpoints, out / "checkpoints.sqlite"
+            context.settings.checkpoints, out / CHECKPOINTS_FILE
         ) as checkpointer:
             run = run_analysis(
                 slide_path,
@@ -392,10 +396,6 @@ def _analyze_into(
                 thread_id=thread,
                 on_progress=lambda line: stderr.print(f"[dim]{escape(line)}[/]", highlight=False),
                 on_review=_ask_reviewer,
-            )
-        if "report" not in run.state:
-            raise HistopilotError(
-                f"the analysis is paused for review; resume it with --thread {run.thread_id}."
             )
         files = write_outputs(
             run.state, context.workspace(run.state["slide"]), out, thread_id=run.thread_id
@@ -556,7 +556,7 @@ def demo(
     """
     from histopilot.storage import check_new_output_folder
 
-    check_new_output_folder(out, what="demo", replaceable_marker="analysis.json")
+    check_new_output_folder(out, what="demo", replaceable_marker=CHECKPOINTS_FILE)
     slide_path = build_demo_slide(out / "demo-slide.tif")
     config = HistopilotConfig()  # the embedded default (offline), whatever is configured
     note = "demo slide: a mosaic of one real IHC field from scikit-image, for demonstration"
@@ -564,7 +564,7 @@ def demo(
         slide_path,
         out,
         config,
-        {"checkpoints": str(out / "checkpoints.sqlite")},
+        {"checkpoints": str(out / CHECKPOINTS_FILE)},
         None,
         None,
         None,

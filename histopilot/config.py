@@ -161,7 +161,7 @@ class AgentsConfig(_Strict):
         0.5, ge=0.0, le=1.0, description="Below this confidence the report says 'indeterminate'."
     )
     seed: int = Field(
-        0, description="Seed of the navigation; the same seed gives the same regions."
+        0, ge=0, description="Seed of the navigation; the same seed gives the same regions."
     )
     reference_bank: str | None = Field(
         None, description="Patch index of labelled reference patches (k-NN evidence)."

@@ -49,6 +49,10 @@ class ModelUnavailableError(HistopilotError):
     """A configured model cannot be loaded or its server cannot be reached."""
 
 
+class ModelRequestError(HistopilotError):
+    """The model server understood the request and refused it (4xx other than 401/403/404)."""
+
+
 class StructuredOutputError(HistopilotError):
     """The model's answer did not match the requested schema after the allowed retries."""
 

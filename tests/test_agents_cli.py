@@ -175,3 +175,18 @@ def test_offline_chat_commands_and_a_resumed_thread(wsi_dir: Path, isolated) -> 
     )
     assert wrong.exit_code == 2
     assert "is about" in wrong.stderr
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [(["--seed", "-1"], "seed"), (["--trajectories", "100"], "trajectories")],
+)
+def test_out_of_range_settings_are_explained(
+    wsi_dir: Path, isolated, tmp_path: Path, option: list[str], message: str
+) -> None:
+    result = runner.invoke(
+        app,
+        ["analyze", str(wsi_dir / "CMU-1-Small-Region.svs"), "--out", str(tmp_path / "o"), *option],
+    )
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr and "Traceback" not in result.output

@@ -18,7 +18,9 @@ from langgraph.types import Command
 from histopilot.agents.checkpoints import open_checkpointer
 from histopilot.agents.diagnose import vote
 from histopilot.agents.graph import build_analysis_graph, build_trajectory_graph, compile_analysis
+from histopilot.agents.run import run_analysis
 from histopilot.agents.state import Differential, Hypothesis, TrajectoryResult
+from histopilot.errors import HistopilotError
 from tests.agent_helpers import analyse, make_context
 from tests.fake_models import ScriptedChatModel
 
@@ -182,6 +184,19 @@ def test_trajectories_vote_and_disagreement_lowers_confidence(feature_cache: Pat
     assert split["diagnosis"].confidence == pytest.approx(0.6)
     assert split["diagnosis"].indeterminate
     assert split["diagnosis"].statement.startswith("Indeterminate — review")
+    # A sure dissenter lowers the confidence of a hesitant majority; it never raises it.
+    hesitant = vote({"trajectories": [result(k, "carcinoma", 0.3) for k in (1, 2, 3)]}, runtime)
+    dissent = vote(
+        {
+            "trajectories": [
+                result(1, "carcinoma", 0.3),
+                result(2, "carcinoma", 0.3),
+                result(3, "benign", 1.0),
+            ]
+        },
+        runtime,
+    )
+    assert dissent["diagnosis"].confidence < hesitant["diagnosis"].confidence
 
 
 def test_the_same_seed_visits_the_same_regions(slide: Path, feature_cache: Path) -> None:
@@ -194,13 +209,14 @@ def test_the_same_seed_visits_the_same_regions(slide: Path, feature_cache: Path)
 
 
 def test_review_interrupts_before_the_report_and_resumes(slide: Path, feature_cache: Path) -> None:
-    context = make_context(feature_cache, review=True, trajectories=1, budget=2)
+    model = scripted()
+    context = make_context(feature_cache, model=model, review=True, trajectories=1, budget=2)
     with open_checkpointer("memory", Path("unused")) as checkpointer:
         graph = compile_analysis(checkpointer)
         config = {"configurable": {"thread_id": "review"}, "recursion_limit": 100}
         graph.invoke({"slide_path": str(slide)}, config, context=context)
         paused = graph.get_state(config)
-        assert paused.next == ("report",)
+        assert paused.next == ("review",)
         payload = paused.interrupts[0].value
         assert payload["action"] == "review_report"
         assert payload["report"]["status"] == "draft"
@@ -209,6 +225,32 @@ def test_review_interrupts_before_the_report_and_resumes(slide: Path, feature_ca
         )
     assert final["report"].status == "reviewed"
     assert final["report"].reviewer_note == "agree"
+    # What was approved is exactly what was shown: resuming does not write the report again.
+    assert final["report"].narrative == payload["report"]["narrative"]
+    assert len(model.asked("report")) == 1
+
+
+def test_a_thread_resumes_and_is_never_restarted(
+    slide: Path, wsi_dir: Path, feature_cache: Path
+) -> None:
+    context = make_context(feature_cache, review=True, trajectories=1, budget=2)
+    with open_checkpointer("memory", Path("unused")) as checkpointer:
+        paused = run_analysis(slide, context, checkpointer, thread_id="case")
+        assert paused.state["report"].status == "draft"  # waiting for review
+        resumed = run_analysis(
+            slide,
+            context,
+            checkpointer,
+            thread_id="case",
+            on_review=lambda payload: {"approve": True, "note": "seen"},
+        )
+        assert resumed.state["report"].status == "reviewed"
+        assert len(resumed.state["trajectories"]) == 1  # continued, not analysed again
+        with pytest.raises(HistopilotError, match="has finished"):
+            run_analysis(slide, context, checkpointer, thread_id="case")
+        other = wsi_dir / "tcga-cr-7395-01a-01-ts1.svs"
+        with pytest.raises(HistopilotError, match="is the analysis of"):
+            run_analysis(other, context, checkpointer, thread_id="case")
 
 
 RESTART_SCRIPT = """
@@ -222,7 +264,7 @@ slide, cache, database = sys.argv[1:4]
 context = make_context(Path(cache), review=True, trajectories=1, budget=2)
 with open_checkpointer(database, Path(database)) as checkpointer:
     run = run_analysis(slide, context, checkpointer, thread_id="restart")
-print(sorted(run.state["regions"]), "report" in run.state)
+print(sorted(run.state["regions"]), run.state["report"].status)
 """
 
 
@@ -238,7 +280,7 @@ def test_a_thread_survives_a_process_restart_with_sqlite(
         check=True,
         timeout=300,
     )
-    assert first.stdout.strip() == "['T1.01', 'T1.02'] False"  # paused for review
+    assert first.stdout.strip() == "['T1.01', 'T1.02'] draft"  # paused for review
 
     context = make_context(feature_cache, review=True, trajectories=1, budget=2)
     with open_checkpointer(str(database), database) as checkpointer:

@@ -12,9 +12,9 @@ from langchain_core.messages import HumanMessage
 from pydantic import BaseModel, Field
 
 from histopilot.config import RoleConfig
-from histopilot.errors import ModelUnavailableError
+from histopilot.errors import ModelRequestError, ModelUnavailableError
 from histopilot.serve import image_part
-from histopilot.serve.openai_backend import ModelRequestError, openai_chat_model
+from histopilot.serve.openai_backend import openai_chat_model
 from tests.openai_stub import OpenAIStub, Reply, chunk, completion, error
 
 

@@ -11,6 +11,7 @@ every mode, offline included.
 from __future__ import annotations
 
 import uuid
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any, TypedDict
 
@@ -22,10 +23,10 @@ from langgraph.graph.message import add_messages
 from langgraph.prebuilt import InjectedState, ToolNode, tools_condition
 from langgraph.types import Command
 
-from histopilot.agents.context import AgentContext
+from histopilot.agents.context import AgentContext, SlideWorkspace
 from histopilot.agents.describe import describe_region
 from histopilot.agents.models import is_offline, prompt
-from histopilot.agents.navigate import read_mpp
+from histopilot.agents.navigate import WINDOW_TILES, read_mpp
 from histopilot.agents.run import run_analysis
 from histopilot.agents.state import (
     Diagnosis,
@@ -147,10 +148,14 @@ def analysis_update(
     question: str | None,
     thread_id: str,
 ) -> dict[str, Any]:
-    """Run the analysis in its own thread and return what the chat thread keeps of it."""
+    """Run the analysis in its own thread and return what the chat thread keeps of it.
+
+    The chat is the reviewer's own conversation, so the analysis does not pause for review.
+    """
+    unpaused = replace(context, settings=context.settings.model_copy(update={"review": False}))
     run = run_analysis(
         slide_path,
-        context,
+        unpaused,
         checkpointer,
         question=question,
         thread_id=f"{thread_id}:analysis:{uuid.uuid4().hex[:8]}",
@@ -184,18 +189,14 @@ def chat_tools(
         else:
             if None in (x, y, width, height):
                 raise RegionError("give a region_id, or x, y, width and height")
-            workspace = context.workspace(slide_path)
-            region = Region(
-                id=f"C{len([r for r in known if r.startswith('C')]) + 1}",
-                x=x,
-                y=y,
-                width=width,
-                height=height,
-                magnification=magnification,
-                mpp=read_mpp(workspace.maps.features.mpp, magnification),
-                trajectory=0,
-                step=0,
-                reason="asked in chat",
+            # Parallel calls see the same state: number them by their place in the request.
+            calls = [call["id"] for call in getattr(state["messages"][-1], "tool_calls", [])]
+            offset = calls.index(tool_call_id) if tool_call_id in calls else 0
+            region = chat_region(
+                context.workspace(slide_path),
+                (x, y, width, height),
+                magnification,
+                number=len([r for r in known if r.startswith("C")]) + 1 + offset,
             )
         finding, _ = describe_region(context, slide_path, region)
         return Command(
@@ -232,6 +233,44 @@ def chat_tools(
             knowledge=context.knowledge,
         ),
     ]
+
+
+def chat_region(
+    workspace: SlideWorkspace,
+    box: tuple[int, int, int, int],
+    magnification: Magnification,
+    *,
+    number: int,
+) -> Region:
+    """A region the chat asked for, clipped to the slide and refused when larger than a
+    low-power field (a model can ask for anything)."""
+    x, y, width, height = box
+    slide_width, slide_height = workspace.slide.dimensions
+    x0, y0 = max(0, x), max(0, y)
+    x1, y1 = min(slide_width, x + width), min(slide_height, y + height)
+    if x1 <= x0 or y1 <= y0:
+        raise RegionError(
+            f"the box x={x}, y={y}, {width}×{height} is outside the slide "
+            f"({slide_width}×{slide_height} level-0 pixels)."
+        )
+    largest = WINDOW_TILES["low"] * workspace.maps.tile_size
+    if max(x1 - x0, y1 - y0) > largest:
+        raise RegionError(
+            f"a field can be at most {largest}×{largest} level-0 pixels (one low-power field); "
+            "ask for a smaller box."
+        )
+    return Region(
+        id=f"C{number}",
+        x=x0,
+        y=y0,
+        width=x1 - x0,
+        height=y1 - y0,
+        magnification=magnification,
+        mpp=read_mpp(workspace.maps.features.mpp, magnification),
+        trajectory=0,
+        step=0,
+        reason="asked in chat",
+    )
 
 
 def _tool_error(error: Exception) -> str:

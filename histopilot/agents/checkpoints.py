@@ -54,8 +54,9 @@ def open_checkpointer(spec: str | None, default_path: Path) -> Iterator[BaseChec
 def _postgres(url: str) -> Iterator[BaseCheckpointSaver]:
     try:
         from langgraph.checkpoint.postgres import PostgresSaver
+        from psycopg import OperationalError
         from psycopg.rows import dict_row
-        from psycopg_pool import ConnectionPool
+        from psycopg_pool import ConnectionPool, PoolTimeout
     except ImportError as error:
         raise ConfigError(
             "agents.checkpoints names a Postgres database, which needs the postgres extra: "
@@ -64,7 +65,13 @@ def _postgres(url: str) -> Iterator[BaseCheckpointSaver]:
     # autocommit and dict rows are what the saver expects; prepare_threshold=None keeps it
     # working behind a transaction-mode pooler such as PgBouncer.
     kwargs = {"autocommit": True, "row_factory": dict_row, "prepare_threshold": None}
-    with ConnectionPool(url, kwargs=kwargs, open=True) as pool:
+    try:
+        pool = ConnectionPool(url, kwargs=kwargs, open=True, timeout=30)
         saver = PostgresSaver(pool, serde=serializer())
         saver.setup()
+    except (OperationalError, PoolTimeout) as error:
+        raise ConfigError(
+            f"cannot use the Postgres checkpoint database in agents.checkpoints: {error}"
+        ) from error
+    with pool:
         yield saver

@@ -19,11 +19,13 @@ import cv2
 import numpy as np
 import platformdirs
 from langgraph.runtime import Runtime
+from pydantic import ValidationError
 
 from histopilot.agents.mil import AttentionMIL, load_mil_head
 from histopilot.agents.state import SlideRef
 from histopilot.agents.triage import TriageMaps, triage_maps
 from histopilot.config import AgentsConfig, HistopilotConfig, load_config
+from histopilot.errors import ConfigError, RegionError
 from histopilot.retrieval.encoders.base import PatchEncoder
 from histopilot.retrieval.features import embed_slide, slide_id_of
 from histopilot.retrieval.kb.store import KnowledgeBase
@@ -44,7 +46,7 @@ class SlideWorkspace:
     slide: Slide
     tissue: TissueMask
     maps: TriageMaps
-    relevance: dict[str, np.ndarray] = field(default_factory=dict)
+    relevance: dict[str, np.ndarray] = field(default_factory=dict)  # target → per-tile
     planes: dict[float, tuple[np.ndarray, float]] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -57,21 +59,32 @@ class SlideWorkspace:
         otherwise every low-power field of a single-level scan decodes millions of level-0
         pixels again.
         """
+        slide_width, slide_height = self.slide.dimensions
+        if (
+            not (0 <= x <= slide_width - width and 0 <= y <= slide_height - height)
+            or min(width, height) < 1
+        ):
+            raise RegionError(
+                f"the box x={x}, y={y}, {width}×{height} is not inside the slide "
+                f"({slide_width}×{slide_height} level-0 pixels)."
+            )
         with self.lock:
             if mpp is None or self.slide.mpp is None:
                 return self.slide.read_region(x, y, 0, width, height)
             downsample = mpp / self.slide.mpp.mean
-            slide_width, slide_height = self.slide.dimensions
+            out_width = max(1, round(width / downsample))
+            out_height = max(1, round(height / downsample))
             plane_pixels = slide_width * slide_height / downsample**2
             if downsample < PLANE_MIN_DOWNSAMPLE or plane_pixels > PLANE_MAX_PIXELS:
-                return self.slide.read_region_at_mpp(x, y, width, height, mpp=mpp)
+                return self.slide.read_region_at(x, y, out_width, out_height, downsample=downsample)
             if mpp not in self.planes:
                 self.planes[mpp] = self.slide.overview(downsample=downsample)
             plane, scale = self.planes[mpp]
         left, top = round(x / scale), round(y / scale)
-        out_width, out_height = max(1, round(width / scale)), max(1, round(height / scale))
         crop = plane[top : top + out_height, left : left + out_width]
         if crop.shape[:2] != (out_height, out_width):
+            # The plane's size is rounded up from the slide's; a box on the far edge can come
+            # up a pixel short of the size a direct read would give.
             crop = cv2.resize(crop, (out_width, out_height), interpolation=cv2.INTER_AREA)
         return np.ascontiguousarray(crop)
 
@@ -100,6 +113,7 @@ class AgentContext:
     feature_cache: Path | None = None
     slide_mpp: float | None = None
     _workspaces: dict[str, SlideWorkspace] = field(default_factory=dict, repr=False)
+    _opening: dict[str, threading.Lock] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @classmethod
@@ -115,10 +129,14 @@ class AgentContext:
         from histopilot.serve.factory import chat_model
 
         config = config or load_config()
-        settings = config.agents.model_copy(
-            update={k: v for k, v in overrides.items() if v is not None}
-        )
-        AgentsConfig.model_validate(settings.model_dump())  # overrides obey the same limits
+        values = config.agents.model_dump() | {k: v for k, v in overrides.items() if v is not None}
+        try:
+            settings = AgentsConfig.model_validate(values)  # overrides obey the same limits
+        except ValidationError as error:
+            problems = "; ".join(
+                f"{'.'.join(map(str, item['loc']))}: {item['msg']}" for item in error.errors()
+            )
+            raise ConfigError(f"invalid agent settings: {problems}") from None
         roles = ("orchestrator", "describer", "diagnoser", "reporter")
         cache = settings.feature_cache or platformdirs.user_cache_dir("histopilot") + "/features"
         return cls(
@@ -138,12 +156,23 @@ class AgentContext:
         )
 
     def workspace(self, slide: SlideRef | str | Path) -> SlideWorkspace:
-        """The slide's workspace, opening the slide and running triage's maps on first use."""
+        """The slide's workspace, opening the slide and running triage's maps on first use.
+
+        Each slide has its own lock, so embedding one slide does not hold up work on another.
+        """
         path = str(Path(slide.path if isinstance(slide, SlideRef) else slide).resolve())
         with self._lock:
-            if path not in self._workspaces:
-                self._workspaces[path] = self._open_workspace(Path(path))
-            return self._workspaces[path]
+            if path in self._workspaces:
+                return self._workspaces[path]
+            opening = self._opening.setdefault(path, threading.Lock())
+        with opening:
+            with self._lock:
+                if path in self._workspaces:
+                    return self._workspaces[path]
+            workspace = self._open_workspace(Path(path))
+            with self._lock:
+                self._workspaces[path] = workspace
+            return workspace
 
     def _open_workspace(self, path: Path) -> SlideWorkspace:
         opened = open_slide(path, mpp=self.slide_mpp)

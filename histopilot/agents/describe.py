@@ -18,7 +18,13 @@ from pydantic import BaseModel, Field
 
 from histopilot.agents.context import AgentContext, SlideWorkspace, context_of
 from histopilot.agents.measure import measure_region, measured_description
-from histopilot.agents.models import is_offline, model_name, prompt, structured_call
+from histopilot.agents.models import (
+    FALLBACK_ERRORS,
+    is_offline,
+    model_name,
+    prompt,
+    structured_call,
+)
 from histopilot.agents.state import (
     DescribeTask,
     Evidence,
@@ -27,7 +33,6 @@ from histopilot.agents.state import (
     Region,
     SlideRef,
 )
-from histopilot.errors import StructuredOutputError
 from histopilot.retrieval.reference import ReferenceBank
 from histopilot.serve.messages import image_part
 
@@ -100,7 +105,7 @@ def describe_region(
             )
             text, suspicion = described.description, described.suspicion
             source = f"model:{model_name(model)}"
-        except StructuredOutputError as error:
+        except FALLBACK_ERRORS as error:
             note = f"the describer's answer was unusable ({error}); measured description kept"
     finding = Finding(
         region_id=region.id,

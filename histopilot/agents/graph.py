@@ -1,6 +1,6 @@
 """The analysis graph::
 
-    START → triage ─Send×K→ trajectory ──→ vote → report → END
+    START → triage ─Send×K→ trajectory ──→ vote → report ─(review on)→ review → END
                             │
                             └ navigate ─Send×n→ describe → diagnose ─(stop)→ END
                                  ↑_________ directive ____________|
@@ -13,8 +13,10 @@ loads (:mod:`histopilot.agents.studio`), which brings its own.
 
 from __future__ import annotations
 
+import math
 import time
 
+import openai
 from langgraph.checkpoint.base import BaseCheckpointSaver
 from langgraph.graph import END, START, StateGraph
 from langgraph.graph.state import CompiledStateGraph
@@ -27,7 +29,7 @@ from histopilot.agents.describe import describe
 from histopilot.agents.diagnose import diagnose, vote
 from histopilot.agents.navigate import navigate
 from histopilot.agents.progress import progress
-from histopilot.agents.report import report
+from histopilot.agents.report import report, review
 from histopilot.agents.state import (
     AnalysisState,
     Differential,
@@ -37,7 +39,16 @@ from histopilot.agents.state import (
 )
 from histopilot.errors import ModelUnavailableError
 
-MODEL_RETRY = RetryPolicy(max_attempts=2, initial_interval=1.0, retry_on=ModelUnavailableError)
+
+def transient(error: Exception) -> bool:
+    """Worth another try: a model server that timed out, dropped the connection or failed with
+    a 5xx after the client's own retries. A missing model or a rejected key is not."""
+    return isinstance(error, ModelUnavailableError) and isinstance(
+        error.__cause__, openai.APIConnectionError | openai.InternalServerError
+    )
+
+
+MODEL_RETRY = RetryPolicy(max_attempts=2, initial_interval=1.0, retry_on=transient)
 
 
 class AnalysisInput(TypedDict, total=False):
@@ -115,7 +126,13 @@ def build_analysis_graph() -> StateGraph:
     def trajectory(task: TrajectoryState, runtime: Runtime[AgentContext]) -> dict:
         """One seeded walk; its regions, findings and evidence merge into the analysis."""
         started = time.perf_counter()
-        final = walk.invoke(task, context=runtime.context)
+        settings = context_of(runtime).settings
+        # Each step is three supersteps (navigate, describe, diagnose); the outer run's limit
+        # counts the outer graph's steps, so the walk gets its own.
+        steps = math.ceil(task["triage"].budget / settings.regions_per_step) + 2
+        final = walk.invoke(
+            task, config={"recursion_limit": 3 * steps + 5}, context=runtime.context
+        )
         differential = final.get("differential")
         if differential is None:
             differential = Differential(method="none", note="no region described")
@@ -142,11 +159,12 @@ def build_analysis_graph() -> StateGraph:
     builder.add_node("triage", triage, destinations=("trajectory",))
     builder.add_node("trajectory", trajectory)
     builder.add_node("vote", vote)
-    builder.add_node("report", report, retry_policy=MODEL_RETRY)
+    builder.add_node("report", report, retry_policy=MODEL_RETRY, destinations=("review", END))
+    builder.add_node("review", review)
     builder.add_edge(START, "triage")
     builder.add_edge("trajectory", "vote")
     builder.add_edge("vote", "report")
-    builder.add_edge("report", END)
+    builder.add_edge("review", END)
     return builder
 
 

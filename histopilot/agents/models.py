@@ -15,12 +15,16 @@ from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import BaseMessage
 from pydantic import BaseModel
 
+from histopilot.errors import ModelRequestError, StructuredOutputError
 from histopilot.serve.offline import OfflineModel
 from histopilot.serve.structured import with_schema_prompting
 
 Schema = TypeVar("Schema", bound=BaseModel)
 #: Re-asks when a model's answer does not match the schema (in-process and fake models).
 STRUCTURED_RETRIES = 1
+#: A model answer these errors end is replaced by the node's measured strategy, and the run's
+#: warnings say so; an unreachable server is an error the user must see instead.
+FALLBACK_ERRORS = (StructuredOutputError, ModelRequestError)
 
 
 def is_offline(model: Any) -> bool:

@@ -27,7 +27,13 @@ from langgraph.types import Command, Send
 from pydantic import BaseModel, Field
 
 from histopilot.agents.context import AgentContext, SlideWorkspace, context_of
-from histopilot.agents.models import is_offline, model_name, prompt, structured_call
+from histopilot.agents.models import (
+    FALLBACK_ERRORS,
+    is_offline,
+    model_name,
+    prompt,
+    structured_call,
+)
 from histopilot.agents.progress import progress
 from histopilot.agents.state import (
     MAGNIFICATIONS,
@@ -39,7 +45,6 @@ from histopilot.agents.state import (
     Region,
     TrajectoryState,
 )
-from histopilot.errors import StructuredOutputError
 from histopilot.retrieval.encoders.base import PatchEncoder
 from histopilot.retrieval.reference import ReferenceBank
 
@@ -108,6 +113,7 @@ def candidates(
         }.items()
     }
     stride = max(1, size // 2)
+    slide_width, slide_height = workspace.slide.dimensions
     found = []
     for row in _starts(rows, size, stride):
         for column in _starts(columns, size, stride):
@@ -119,13 +125,18 @@ def candidates(
                 continue
             prior = window["importance"] / window["tissue"] * np.sqrt(window["tissue"] / size**2)
             relevance_factor = RELEVANCE_FLOOR + window["relevant"] / window["tissue"]
-            parent = _containing(parents, column * tile, row * tile, size * tile)
+            # Regions are clipped to the slide, so the window is too before it is compared.
+            box = (
+                column * tile,
+                row * tile,
+                min(size * tile, slide_width - column * tile),
+                min(size * tile, slide_height - row * tile),
+            )
+            parent = _containing(parents, box)
             # With no field seen one power lower (a directive asked for this power), every
             # window is equally far from a parent and the factor drops out of the sampling.
             zoom = 1.0 if parent or not parents else OUTSIDE_PARENT
-            inside_focus = focus is not None and _containing(
-                [focus], column * tile, row * tile, size * tile
-            )
+            inside_focus = focus is not None and _containing([focus], box)
             score = float(
                 prior * relevance_factor * novelty * zoom * (FOCUS_BOOST if inside_focus else 1.0)
             )
@@ -230,7 +241,8 @@ def tile_relevance(
         spread = similarity.max() - similarity.min()
         relevance = (similarity - similarity.min()) / spread if spread > 0 else similarity * 0
     if relevance is not None:
-        workspace.relevance[target] = relevance.astype(np.float32)
+        with workspace.lock:
+            workspace.relevance[target] = relevance.astype(np.float32)
     return relevance
 
 
@@ -264,13 +276,15 @@ def _box(integral: np.ndarray, row: int, column: int, size: int) -> float:
     )
 
 
-def _containing(parents: list[Region], x: int, y: int, side: int) -> Region | None:
+def _containing(parents: list[Region], box: tuple[int, int, int, int]) -> Region | None:
+    """The first of ``parents`` that holds the level-0 ``box`` (x, y, width, height)."""
+    x, y, width, height = box
     for parent in parents:
         if (
             parent.x <= x
             and parent.y <= y
-            and x + side <= parent.x + parent.width
-            and y + side <= parent.y + parent.height
+            and x + width <= parent.x + parent.width
+            and y + height <= parent.y + parent.height
         ):
             return parent
     return None
@@ -311,8 +325,8 @@ def navigate(state: TrajectoryState, runtime: Runtime[AgentContext]) -> Command:
     # The wanted power first, then the others from low up, so a trajectory only stops when
     # no tissue is left unseen at any power.
     offered: list[Candidate] = []
+    focus = state.get("regions", {}).get(directive.near_region) if directive else None
     for power in (wanted, *[m for m in MAGNIFICATIONS if m != wanted]):
-        focus = state.get("regions", {}).get(directive.near_region) if directive else None
         offered = candidates(workspace, power, regions, relevance, focus)
         if offered:
             break
@@ -344,7 +358,6 @@ def navigate(state: TrajectoryState, runtime: Runtime[AgentContext]) -> Command:
     ]
     update = {
         "step": step,
-        "pending": new,
         "regions": {r.id: r for r in new},
         "directive": None,
         "warnings": warnings,
@@ -389,7 +402,7 @@ def _choose(
         answer = structured_call(
             model, NavigationChoice, [SystemMessage(prompt("navigate")), HumanMessage(request)]
         )
-    except StructuredOutputError as error:
+    except FALLBACK_ERRORS as error:
         return sample(offered, count, rng), reason, [f"navigate: {error}; sampled instead"]
     by_id = {f"C{i}": c for i, c in enumerate(shown, 1)}
     picked = [by_id[c] for c in dict.fromkeys(answer.choices) if c in by_id][:count]

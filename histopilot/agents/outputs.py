@@ -95,7 +95,7 @@ def report_markdown(state: dict[str, Any]) -> str:
         "",
         "## Differential",
         "",
-        "| Class | Probability | 90 % interval | Regions |",
+        "| Class | Probability | 90 % intervals (span over trajectories) | Regions |",
         "| --- | --- | --- | --- |",
     ]
     for h in report.differential:

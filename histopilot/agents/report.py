@@ -14,12 +14,13 @@ import statistics
 import time
 
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
+from langgraph.graph import END
 from langgraph.runtime import Runtime
-from langgraph.types import interrupt
+from langgraph.types import Command, interrupt
 from pydantic import BaseModel, Field
 
 from histopilot.agents.context import AgentContext, context_of
-from histopilot.agents.models import is_offline, prompt, structured_call
+from histopilot.agents.models import FALLBACK_ERRORS, is_offline, prompt, structured_call
 from histopilot.agents.state import (
     HEURISTIC_NOTICE,
     AnalysisState,
@@ -30,7 +31,6 @@ from histopilot.agents.state import (
     ReportDraft,
     ReportStatement,
 )
-from histopilot.errors import StructuredOutputError
 
 #: Regions cited per statement, at most (the rest are in analysis.json).
 MAX_CITATIONS = 6
@@ -93,7 +93,7 @@ def draft_report(state: AnalysisState, context: AgentContext) -> tuple[ReportDra
             narrative, notice = written.narrative, MODEL_NOTICE
             if dropped:
                 warnings.append(f"report: dropped {dropped} statement(s) citing no visited region")
-        except StructuredOutputError as error:
+        except FALLBACK_ERRORS as error:
             warnings.append(f"report: {error}; the measured draft is kept")
     draft = ReportDraft(
         title=f"Slide {state['slide'].slide_id}: analysis draft",
@@ -185,27 +185,35 @@ def limitation_notes(state: AnalysisState) -> list[str]:
     return notes
 
 
-def report(state: AnalysisState, runtime: Runtime[AgentContext]) -> dict:
-    """Write the draft; with review on, pause for a pathologist before it is final."""
+def report(state: AnalysisState, runtime: Runtime[AgentContext]) -> Command:
+    """Write the draft; with review on, hand it to ``review`` before it is final."""
     started = time.perf_counter()
     context = context_of(runtime)
     draft, warnings = draft_report(state, context)
-    if context.settings.review:
-        answer = ReviewDecision.model_validate(
-            interrupt({"action": "review_report", "report": draft.model_dump(mode="json")})
-        )
-        draft = draft.model_copy(
-            update={
-                "status": "reviewed" if answer.approve else "draft",
-                "reviewer_note": answer.note or ("approved" if answer.approve else "returned"),
-            }
-        )
-    return {
-        "report": draft,
-        "warnings": warnings,
-        "messages": [AIMessage(f"{draft.narrative}\n\n{draft.notice}", name="report")],
-        "timings": {"report": time.perf_counter() - started},
-    }
+    return Command(
+        goto="review" if context.settings.review else END,
+        update={
+            "report": draft,
+            "warnings": warnings,
+            "messages": [AIMessage(f"{draft.narrative}\n\n{draft.notice}", name="report")],
+            "timings": {"report": time.perf_counter() - started},
+        },
+    )
+
+
+def review(state: AnalysisState) -> dict:
+    """Pause until a pathologist approves or returns the draft in state.
+
+    A node re-runs from its start when the graph resumes, so this one does nothing but ask:
+    the draft approved is exactly the draft that was shown.
+    """
+    draft = state["report"]
+    answer = ReviewDecision.model_validate(
+        interrupt({"action": "review_report", "report": draft.model_dump(mode="json")})
+    )
+    status = "reviewed" if answer.approve else "draft"
+    note = answer.note or ("approved" if answer.approve else "returned")
+    return {"report": draft.model_copy(update={"status": status, "reviewer_note": note})}
 
 
 def _chosen_evidence(evidence: dict[str, Evidence]) -> list[Evidence]:

@@ -18,6 +18,7 @@ from pydantic import BaseModel
 
 from histopilot.agents.context import AgentContext
 from histopilot.agents.graph import compile_analysis
+from histopilot.errors import HistopilotError
 
 ProgressCallback = Callable[[str], None]
 ReviewCallback = Callable[[dict[str, Any]], dict[str, Any]]
@@ -43,17 +44,31 @@ def run_analysis(
     on_progress: ProgressCallback | None = None,
     on_review: ReviewCallback | None = None,
 ) -> AnalysisRun:
-    """Analyse one slide. With review on, ``on_review`` gets the interrupt's payload and
-    returns the reviewer's decision (``{"approve": bool, "note": str}``)."""
+    """Analyse one slide in thread ``thread_id`` (a new one when omitted or unknown).
+
+    A thread that exists is resumed, never restarted: one paused for review goes on with the
+    reviewer's decision (``on_review`` gets the interrupt's payload and returns
+    ``{"approve": bool, "note": str}``), one that was cut short continues from its last
+    checkpoint. A finished thread, or a thread about another slide, is refused.
+    """
     started = time.perf_counter()
-    thread_id = thread_id or f"analysis-{uuid.uuid4().hex[:12]}"
+    thread_id = thread_id or new_thread_id()
+    slide = str(Path(slide_path).resolve())
     graph = compile_analysis(checkpointer)
     config = {
         "configurable": {"thread_id": thread_id},
         "recursion_limit": context.settings.recursion_limit,
     }
-    payload: Any = {"slide_path": str(Path(slide_path).resolve()), "question": question}
+    snapshot = graph.get_state(config)
+    payload: Any = {"slide_path": slide, "question": question}
+    if snapshot.values:
+        _check_resumable(snapshot.values, snapshot.next, slide, thread_id)
+        payload = None
     while True:
+        if snapshot.interrupts:
+            if on_review is None:
+                break  # paused for review, nobody to ask: the thread waits for a later resume
+            payload = Command(resume=on_review(snapshot.interrupts[0].value))
         for _namespace, mode, chunk in graph.stream(
             payload, config, context=context, stream_mode=["custom", "updates"], subgraphs=True
         ):
@@ -62,10 +77,25 @@ def run_analysis(
         snapshot = graph.get_state(config)
         if not snapshot.interrupts:
             break
-        if on_review is None:
-            # Paused for review and nobody to ask: the thread waits for a later resume.
-            break
-        payload = Command(resume=on_review(snapshot.interrupts[0].value))
     return AnalysisRun(
         thread_id=thread_id, state=dict(snapshot.values), seconds=time.perf_counter() - started
     )
+
+
+def new_thread_id() -> str:
+    return f"analysis-{uuid.uuid4().hex[:12]}"
+
+
+def _check_resumable(values: dict, pending: tuple, slide: str, thread_id: str) -> None:
+    known = values.get("slide")
+    known_path = known.path if known is not None else values.get("slide_path")
+    if known_path and str(Path(known_path).resolve()) != slide:
+        raise HistopilotError(
+            f"thread {thread_id} is the analysis of {known_path}, not {slide}; "
+            "omit --thread to start a new analysis."
+        )
+    if not pending:
+        raise HistopilotError(
+            f"thread {thread_id} has finished; its report is in the thread's analysis.json. "
+            "Omit --thread to analyse the slide again."
+        )

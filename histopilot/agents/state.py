@@ -142,7 +142,7 @@ class TriageResult(_Record):
 
 class TrajectoryResult(_Record):
     trajectory: int
-    seed: int
+    seed: int = Field(description="The run's seed; trajectory k samples with (seed, k, step)")
     regions: list[str]
     differential: Differential
     stop_reason: str
@@ -229,7 +229,6 @@ class TrajectoryState(TypedDict, total=False):
     trajectory: int
     seed: int
     step: int
-    pending: list[Region]
     regions: Annotated[dict[str, Region], merge_records]
     findings: Annotated[dict[str, Finding], merge_records]
     evidence: Annotated[dict[str, Evidence], merge_records]

@@ -14,6 +14,7 @@ count more than the ``k``-th, and the vote shares are what the differential is b
 from __future__ import annotations
 
 import csv
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -179,10 +180,15 @@ class ReferenceBank:
         return np.divide(shares, totals, out=np.zeros_like(shares), where=totals > 0)
 
     def label_for(self, text: str) -> str | None:
-        """The label a free-text target names (by label or full name), if any."""
-        lowered = text.lower()
+        """The label a free-text target names: the label itself, or its full name as whole
+        words in the text ("look for colorectal adenocarcinoma epithelium" → ``TUM``). A word
+        that is only part of a name ("cancer" in "cancer-associated stroma") names nothing."""
+        lowered = text.strip().lower()
+        for label in self.labels:
+            if label.lower() == lowered:
+                return label
         for label in self.labels:
             name = self.names[label].lower()
-            if label.lower() == lowered or name in lowered or lowered in name:
+            if name != label.lower() and re.search(rf"\b{re.escape(name)}\b", lowered):
                 return label
         return None

@@ -20,15 +20,15 @@ from langchain_core.outputs import ChatGenerationChunk, ChatResult
 from langchain_openai import ChatOpenAI
 
 from histopilot.config import RoleConfig
-from histopilot.errors import HistopilotError, ModelUnavailableError, StructuredOutputError
+from histopilot.errors import (
+    ModelRequestError,
+    ModelUnavailableError,
+    StructuredOutputError,
+)
 from histopilot.serve.families import family_of
 
 NO_API_KEY = "EMPTY"
 """What vLLM and most local servers accept when they were started without ``--api-key``."""
-
-
-class ModelRequestError(HistopilotError):
-    """The model server understood the request and refused it (4xx other than 401/403/404)."""
 
 
 class OpenAIChatModel(ChatOpenAI):
