@@ -13,7 +13,7 @@ import functools
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
@@ -21,7 +21,6 @@ import platformdirs
 from langgraph.runtime import Runtime
 from pydantic import ValidationError
 
-from histopilot.agents.mil import AttentionMIL, load_mil_head
 from histopilot.agents.state import SlideRef
 from histopilot.agents.triage import TriageMaps, triage_maps
 from histopilot.config import AgentsConfig, HistopilotConfig, load_config
@@ -32,6 +31,9 @@ from histopilot.retrieval.kb.store import KnowledgeBase
 from histopilot.retrieval.patch_index import PatchIndex
 from histopilot.retrieval.reference import ReferenceBank
 from histopilot.slide import Slide, TissueMask, detect_tissue, open_slide
+
+if TYPE_CHECKING:  # PyTorch loads only when a trained head is configured
+    from histopilot.agents.mil import AttentionMIL
 
 #: Whole-slide planes at a field's resolution are cached up to this size (48 MB of RGB)…
 PLANE_MAX_PIXELS = 16_000_000
@@ -150,7 +152,7 @@ class AgentContext:
             if settings.knowledge_base
             else None,
             patch_index=PatchIndex.open(settings.patch_index) if settings.patch_index else None,
-            mil_head=load_mil_head(settings.mil_head) if settings.mil_head else None,
+            mil_head=_mil_head(settings.mil_head),
             feature_cache=Path(cache),
             slide_mpp=slide_mpp,
         )
@@ -198,6 +200,14 @@ class AgentContext:
             for workspace in self._workspaces.values():
                 workspace.slide.close()
             self._workspaces.clear()
+
+
+def _mil_head(folder: str | None) -> AttentionMIL | None:
+    if folder is None:
+        return None
+    from histopilot.agents.mil import load_mil_head
+
+    return load_mil_head(folder)
 
 
 @functools.cache

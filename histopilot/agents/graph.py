@@ -16,7 +16,6 @@ from __future__ import annotations
 import math
 import time
 
-import openai
 from langgraph.checkpoint.base import BaseCheckpointSaver
 from langgraph.graph import END, START, StateGraph
 from langgraph.graph.state import CompiledStateGraph
@@ -43,6 +42,8 @@ from histopilot.errors import ModelUnavailableError
 def transient(error: Exception) -> bool:
     """Worth another try: a model server that timed out, dropped the connection or failed with
     a 5xx after the client's own retries. A missing model or a rejected key is not."""
+    import openai  # only when a node failed: offline runs never load the client
+
     return isinstance(error, ModelUnavailableError) and isinstance(
         error.__cause__, openai.APIConnectionError | openai.InternalServerError
     )

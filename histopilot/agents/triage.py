@@ -16,17 +16,20 @@ region budget, and every slide is read.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
 
-from histopilot.agents.mil import AttentionMIL
 from histopilot.errors import ConfigError
 from histopilot.retrieval.encoders.base import PatchEncoder
 from histopilot.retrieval.encoders.handcrafted import GLASS_OD, stain_densities
 from histopilot.retrieval.features import SlideFeatures
 from histopilot.retrieval.reference import ReferenceBank
 from histopilot.slide import Slide
+
+if TYPE_CHECKING:  # PyTorch loads only when a trained head is configured
+    from histopilot.agents.mil import AttentionMIL
 
 ZERO_SHOT_PROMPTS = {
     "lesion": [

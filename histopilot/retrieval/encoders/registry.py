@@ -19,14 +19,28 @@ from __future__ import annotations
 from collections.abc import Callable
 from functools import cache, partial
 
-import torch
-
 from histopilot.errors import EncoderError
 from histopilot.retrieval.encoders.base import PatchEncoder
-from histopilot.retrieval.encoders.neural import load_hf_clip, load_open_clip, load_timm
 from histopilot.retrieval.encoders.offline import OfflineEncoder
 
 Loader = Callable[..., PatchEncoder]
+
+
+def _neural(loader: str) -> Loader:
+    """A loader of :mod:`histopilot.retrieval.encoders.neural`, imported when first called:
+    PyTorch and the model libraries load only for neural encoders, never for ``offline``."""
+
+    def load(*args, **kwargs) -> PatchEncoder:
+        from histopilot.retrieval.encoders import neural
+
+        return getattr(neural, loader)(*args, **kwargs)
+
+    return load
+
+
+load_open_clip = _neural("load_open_clip")
+load_hf_clip = _neural("load_hf_clip")
+load_timm = _neural("load_timm")
 
 _UNI2_H = {
     "img_size": 224,
@@ -44,6 +58,7 @@ _UNI2_H = {
 
 
 def _swiglu_kwargs() -> dict:
+    import torch
     from timm.layers import SwiGLUPacked
 
     return {"mlp_layer": SwiGLUPacked, "act_layer": torch.nn.SiLU}
