@@ -328,3 +328,24 @@ def test_the_chat_clips_boxes_to_the_slide_and_refuses_huge_ones(
         chat_region(workspace, (5000, 5000, 100, 100), "high", number=1)
     with pytest.raises(RegionError, match="at most"):
         chat_region(workspace, (0, 0, 2220, 2967), "low", number=1)
+
+
+def test_the_diagnoser_cites_knowledge_about_its_leading_hypothesis(
+    wsi_dir: Path,
+    feature_cache: Path,
+    reference_bank_path: Path,
+    test_data: Path,
+    tmp_path: Path,
+) -> None:
+    from histopilot.retrieval.kb import KnowledgeBase, load_oncotree
+
+    tree = load_oncotree(test_data / "knowledge" / "oncotree_2025_10_03.json")
+    knowledge = KnowledgeBase.build(tree[:100], tmp_path / "kb")  # a slice keeps it quick
+    context = make_context(feature_cache, reference=reference_bank_path, budget=5, trajectories=1)
+    context.knowledge = knowledge
+    run = analyse(wsi_dir / "CMU-1-Small-Region.svs", context)
+    cited = [e for e in run.state["evidence"].values() if e.kind == "knowledge"]
+    assert cited and all(e.id.startswith("kb:oncotree:") for e in cited)
+    assert all(e.source.startswith("oncotree_2025_10_03.json:") for e in cited)
+    report = run.state["report"]
+    assert {e.id for e in report.evidence} & {e.id for e in cited}
