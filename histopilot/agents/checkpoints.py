@@ -25,7 +25,9 @@ def serializer() -> JsonPlusSerializer:
 
 
 @contextmanager
-def open_checkpointer(spec: str | None, default_path: Path) -> Iterator[BaseCheckpointSaver]:
+def open_checkpointer(
+    spec: str | None, default_path: Path | None = None
+) -> Iterator[BaseCheckpointSaver]:
     """A checkpointer from ``agents.checkpoints``: ``None`` means a SQLite file at
     ``default_path``; ``"memory"``; a ``postgresql://`` URL; or a SQLite file path."""
     if spec == "memory":
@@ -35,6 +37,8 @@ def open_checkpointer(spec: str | None, default_path: Path) -> Iterator[BaseChec
         with _postgres(spec) as saver:
             yield saver
         return
+    if not spec and default_path is None:
+        raise ConfigError("no checkpoint store: give a SQLite path, 'memory' or a Postgres URL.")
     path = Path(spec).expanduser() if spec else default_path
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

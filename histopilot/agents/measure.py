@@ -80,8 +80,8 @@ def measured_description(
     parts = [f"tissue covers {m.tissue_fraction:.0%}"]
     if m.nuclei_per_mm2 is not None:
         parts.append(
-            f"{_cellularity_word(m.cellularity)} ({m.nuclei_per_mm2:,.0f} nuclei/mm², "
-            f"nuclei {m.cellularity:.0%} of tissue area)"
+            f"{_cellularity_word(m.cellularity)} (nuclei cover {m.cellularity:.0%} of the "
+            f"tissue; {m.nuclei_per_mm2:,.0f} separable nuclei/mm²)"
         )
     if m.nuclear_area_um2 is not None:
         spread = (
