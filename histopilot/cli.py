@@ -348,8 +348,7 @@ def analyze(
         "trajectories": trajectories,
         "seed": seed,
         "review": review or None,
-        "reference_bank": reference and str(reference),
-        "knowledge_base": knowledge and str(knowledge),
+        **_resource_overrides(reference, knowledge),
     }
     _analyze_into(
         slide_path,
@@ -375,15 +374,12 @@ def _analyze_into(
     extra: dict | None = None,
 ) -> None:
     from histopilot.agents.checkpoints import open_checkpointer
-    from histopilot.agents.context import AgentContext
     from histopilot.agents.outputs import write_outputs
     from histopilot.agents.run import new_thread_id, run_analysis
 
-    if not slide_path.exists():
-        raise HistopilotError(f"no slide at {slide_path}.")
+    context = _agent_context(slide_path, config, slide_mpp, overrides)
     thread = thread or new_thread_id()
     stderr.print(f"thread {thread} (resume it with --thread {thread})", highlight=False)
-    context = AgentContext.from_config(config, slide_mpp=slide_mpp, **overrides)
     try:
         with open_checkpointer(
             context.settings.checkpoints, out / CHECKPOINTS_FILE
@@ -426,6 +422,23 @@ def _analyze_into(
     stderr.print(f"[bold]{escape(summary['notice'])}[/]", highlight=False)
 
 
+def _resource_overrides(reference: Path | None, knowledge: Path | None) -> dict:
+    return {
+        "reference_bank": reference and str(reference),
+        "knowledge_base": knowledge and str(knowledge),
+    }
+
+
+def _agent_context(slide_path: Path, config: HistopilotConfig, slide_mpp, overrides: dict):
+    """The agents' context for one slide, after checking the slide is there (before any model
+    or index loads)."""
+    from histopilot.agents.context import AgentContext
+
+    if not slide_path.exists():
+        raise HistopilotError(f"no slide at {slide_path}.")
+    return AgentContext.from_config(config, slide_mpp=slide_mpp, **overrides)
+
+
 def _ask_reviewer(payload: dict) -> dict:
     """Show the draft and ask the person at the terminal to approve or return it."""
     report = payload["report"]
@@ -457,16 +470,12 @@ def chat(
 
     from histopilot.agents.chat import ChatSession
     from histopilot.agents.checkpoints import open_checkpointer
-    from histopilot.agents.context import AgentContext
 
-    if not slide_path.exists():
-        raise HistopilotError(f"no slide at {slide_path}.")
-    overrides = {
-        "reference_bank": reference and str(reference),
-        "knowledge_base": knowledge and str(knowledge),
-    }
-    context = AgentContext.from_config(
-        load_config(config, profile=profile), slide_mpp=slide_mpp, **overrides
+    context = _agent_context(
+        slide_path,
+        load_config(config, profile=profile),
+        slide_mpp,
+        _resource_overrides(reference, knowledge),
     )
     default_store = Path(platformdirs.user_data_dir("histopilot")) / "threads.sqlite"
     console = Console()

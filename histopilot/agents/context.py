@@ -181,7 +181,9 @@ class AgentContext:
         try:
             opened.require_brightfield("analysing a slide (H&E or IHC brightfield)")
             tissue = detect_tissue(opened)
-            features = embed_slide(opened, self.encoder, cache_dir=self.feature_cache)
+            features = embed_slide(
+                opened, self.encoder, cache_dir=self.feature_cache, tissue=tissue
+            )
             maps = triage_maps(
                 opened,
                 features,

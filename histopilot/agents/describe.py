@@ -19,11 +19,10 @@ from pydantic import BaseModel, Field
 from histopilot.agents.context import AgentContext, SlideWorkspace, context_of
 from histopilot.agents.measure import measure_region, measured_description
 from histopilot.agents.models import (
-    FALLBACK_ERRORS,
+    ask,
     is_offline,
     model_name,
     prompt,
-    structured_call,
 )
 from histopilot.agents.state import (
     DescribeTask,
@@ -89,24 +88,17 @@ def describe_region(
     source, note = "measured", ""
     model = context.models.get("describer")
     if not is_offline(model):
-        try:
-            described = structured_call(
-                model,
-                RegionDescription,
-                [
-                    SystemMessage(prompt("describe")),
-                    HumanMessage(
-                        [
-                            {"type": "text", "text": _request(region, text, question)},
-                            image_part(image),
-                        ]
-                    ),
-                ],
-            )
+        request = [{"type": "text", "text": _request(region, text, question)}, image_part(image)]
+        described, problem = ask(
+            model,
+            RegionDescription,
+            [SystemMessage(prompt("describe")), HumanMessage(request)],
+        )
+        if described is None:
+            note = f"the describer's answer was unusable ({problem}); measured description kept"
+        else:
             text, suspicion = described.description, described.suspicion
             source = f"model:{model_name(model)}"
-        except FALLBACK_ERRORS as error:
-            note = f"the describer's answer was unusable ({error}); measured description kept"
     finding = Finding(
         region_id=region.id,
         text=text,

@@ -29,11 +29,10 @@ from scipy.stats import beta
 from histopilot.agents.context import AgentContext, context_of
 from histopilot.agents.describe import FEATURE_RULES
 from histopilot.agents.models import (
-    FALLBACK_ERRORS,
+    ask,
     is_offline,
     model_name,
     prompt,
-    structured_call,
 )
 from histopilot.agents.progress import progress
 from histopilot.agents.state import (
@@ -188,18 +187,22 @@ def diagnose(state: TrajectoryState, runtime: Runtime[AgentContext]) -> Command:
     model = context.models.get("diagnoser")
     model_says_stop = False
     if not is_offline(model):
-        try:
-            decision = _ask_model(model, state, findings, differential)
+        decision, problem = _ask_model(model, state, findings, differential)
+        if decision is None:
+            warnings.append(f"diagnose: {problem}; kept the offline differential")
+        else:
             differential, directive = _from_model(decision, regions, model)
             model_says_stop = decision.stop
-        except FALLBACK_ERRORS as error:
-            warnings.append(f"diagnose: {error}; kept the offline differential")
     budget = state["triage"].budget
     reason = stop_reason(differential, ordered, context.settings, budget)
     if reason is None and model_says_stop and len(ordered) >= context.settings.min_regions:
         reason = "the diagnoser judged the evidence sufficient"
-    evidence = knowledge_evidence(context, differential)
     top = differential.top
+    known = state.get("evidence", {}).values()
+    consulted = top is not None and any(
+        e.kind == "knowledge" and e.label == top.label for e in known
+    )
+    evidence = {} if consulted else knowledge_evidence(context, differential)
     progress(
         f"trajectory {state['trajectory']}: "
         + (
@@ -262,7 +265,7 @@ def knowledge_evidence(context: AgentContext, differential: Differential) -> dic
 
 def _ask_model(
     model, state: TrajectoryState, findings: list[Finding], differential: Differential
-) -> DiagnosisDecision:
+) -> tuple[DiagnosisDecision | None, str]:
     listing = "\n".join(
         f"{f.region_id} ({state['regions'][f.region_id].magnification} power): {f.text}"
         for f in findings
@@ -276,9 +279,7 @@ def _ask_model(
         f"{evidence or '(none)'}\n\nReference-similarity differential: {offline or '(none)'}\n"
         f"Regions described: {len(findings)} of a budget of {state['triage'].budget}."
     )
-    return structured_call(
-        model, DiagnosisDecision, [SystemMessage(prompt("diagnose")), HumanMessage(request)]
-    )
+    return ask(model, DiagnosisDecision, [SystemMessage(prompt("diagnose")), HumanMessage(request)])
 
 
 def _from_model(

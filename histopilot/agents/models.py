@@ -24,7 +24,7 @@ Schema = TypeVar("Schema", bound=BaseModel)
 STRUCTURED_RETRIES = 1
 #: A model answer these errors end is replaced by the node's measured strategy, and the run's
 #: warnings say so; an unreachable server is an error the user must see instead.
-FALLBACK_ERRORS = (StructuredOutputError, ModelRequestError)
+_FALLBACK_ERRORS = (StructuredOutputError, ModelRequestError)
 
 
 def is_offline(model: Any) -> bool:
@@ -51,6 +51,17 @@ def structured_call(
         runnable = model.with_structured_output(schema)
     answer = runnable.invoke(messages)
     return answer if isinstance(answer, schema) else schema.model_validate(answer)
+
+
+def ask(
+    model: BaseChatModel, schema: type[Schema], messages: list[BaseMessage]
+) -> tuple[Schema | None, str]:
+    """The model's answer, or ``None`` and why it cannot be used, for the node to fall back on
+    its measured strategy. Errors a fallback cannot cure (an unreachable server) propagate."""
+    try:
+        return structured_call(model, schema, messages), ""
+    except _FALLBACK_ERRORS as error:
+        return None, str(error)
 
 
 @cache

@@ -28,11 +28,10 @@ from pydantic import BaseModel, Field
 
 from histopilot.agents.context import AgentContext, SlideWorkspace, context_of
 from histopilot.agents.models import (
-    FALLBACK_ERRORS,
+    ask,
     is_offline,
     model_name,
     prompt,
-    structured_call,
 )
 from histopilot.agents.progress import progress
 from histopilot.agents.state import (
@@ -398,12 +397,11 @@ def _choose(
         f"Findings so far:\n{findings or '(none yet)'}\n\nCandidate fields:\n{listing}\n\n"
         f"Choose up to {count} candidate ids."
     )
-    try:
-        answer = structured_call(
-            model, NavigationChoice, [SystemMessage(prompt("navigate")), HumanMessage(request)]
-        )
-    except FALLBACK_ERRORS as error:
-        return sample(offered, count, rng), reason, [f"navigate: {error}; sampled instead"]
+    answer, problem = ask(
+        model, NavigationChoice, [SystemMessage(prompt("navigate")), HumanMessage(request)]
+    )
+    if answer is None:
+        return sample(offered, count, rng), reason, [f"navigate: {problem}; sampled instead"]
     by_id = {f"C{i}": c for i, c in enumerate(shown, 1)}
     picked = [by_id[c] for c in dict.fromkeys(answer.choices) if c in by_id][:count]
     if not picked:

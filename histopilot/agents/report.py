@@ -20,7 +20,7 @@ from langgraph.types import Command, interrupt
 from pydantic import BaseModel, Field
 
 from histopilot.agents.context import AgentContext, context_of
-from histopilot.agents.models import FALLBACK_ERRORS, is_offline, prompt, structured_call
+from histopilot.agents.models import ask, is_offline, prompt
 from histopilot.agents.state import (
     HEURISTIC_NOTICE,
     AnalysisState,
@@ -83,18 +83,18 @@ def draft_report(state: AnalysisState, context: AgentContext) -> tuple[ReportDra
     notice, warnings = HEURISTIC_NOTICE, []
     model = context.models.get("reporter")
     if not is_offline(model):
-        try:
-            written = structured_call(
-                model,
-                ReportNarrative,
-                [SystemMessage(prompt("report")), HumanMessage(_report_request(state))],
-            )
+        written, problem = ask(
+            model,
+            ReportNarrative,
+            [SystemMessage(prompt("report")), HumanMessage(_report_request(state))],
+        )
+        if written is None:
+            warnings.append(f"report: {problem}; the measured draft is kept")
+        else:
             statements, dropped = grounded(written.findings, regions)
             narrative, notice = written.narrative, MODEL_NOTICE
             if dropped:
                 warnings.append(f"report: dropped {dropped} statement(s) citing no visited region")
-        except FALLBACK_ERRORS as error:
-            warnings.append(f"report: {error}; the measured draft is kept")
     draft = ReportDraft(
         title=f"Slide {state['slide'].slide_id}: analysis draft",
         diagnosis=diagnosis.statement,

@@ -18,7 +18,7 @@ import h5py
 import numpy as np
 
 from histopilot.retrieval.encoders.base import PatchEncoder
-from histopilot.slide import Slide
+from histopilot.slide import Slide, TissueMask
 from histopilot.slide.tiling import TileGrid, iter_tiles, tile_grid
 from histopilot.storage import atomic_file
 
@@ -67,11 +67,13 @@ def embed_slide(
     batch_size: int = 64,
     workers: int | None = None,
     progress: Progress | None = None,
+    tissue: TissueMask | None = None,
 ) -> SlideFeatures:
     """Embed the tissue tiles of ``slide`` at the encoder's resolution and tile size.
 
     With ``cache_dir``, ``<cache_dir>/<slide id>.h5`` is reused when it was made by the same
-    encoder from the same file, and written otherwise.
+    encoder from the same file, and written otherwise. A caller that already has the slide's
+    tissue mask passes it as ``tissue``, so it is not detected twice.
     """
     cache = Path(cache_dir) / f"{slide_id_of(slide.path)}.h5" if cache_dir else None
     if cache is not None:
@@ -80,7 +82,9 @@ def embed_slide(
             if progress:
                 progress(len(cached), len(cached))
             return cached
-    grid = tile_grid(slide, mpp=encoder.mpp, tile_size=encoder.tile_size, min_tissue=min_tissue)
+    grid = tile_grid(
+        slide, mpp=encoder.mpp, tile_size=encoder.tile_size, min_tissue=min_tissue, tissue=tissue
+    )
     features = np.zeros((len(grid), encoder.dim), np.float32)
     for batch in iter_tiles(slide, grid, batch_size=batch_size, workers=workers):
         features[batch.indices] = encoder.encode_images(batch.images, batch_size=batch_size)
