@@ -42,6 +42,8 @@ index_app = typer.Typer(help="Patch indexes for similar-tissue search: build, ad
 app.add_typer(index_app, name="index", no_args_is_help=True)
 kb_app = typer.Typer(help="Knowledge bases of ontologies, tumour trees and documents.")
 app.add_typer(kb_app, name="kb", no_args_is_help=True)
+stain_app = typer.Typer(help="Stain normalization and augmentation of tiles and slides.")
+app.add_typer(stain_app, name="stain", no_args_is_help=True)
 
 stderr = Console(stderr=True)
 P = ParamSpec("P")
@@ -958,6 +960,149 @@ def _print_hits(result: dict, as_json: bool) -> None:
 
 def _cell(value: object) -> str:
     return f"{value:.3f}" if isinstance(value, float) else "" if value is None else str(value)
+
+
+# -- stain ----------------------------------------------------------------------------------
+StainInputs = Annotated[
+    list[Path], typer.Argument(help="Image files, folders of tiles, or slides (tissue tiles).")
+]
+StainOut = Annotated[Path, typer.Option("--out", help="Output folder.")]
+TileSize = Annotated[int, typer.Option("--tile-size", help="Tile side for slide inputs (px).")]
+TileMPP = Annotated[float, typer.Option("--tile-mpp", help="Tile resolution for slides (µm/px).")]
+MaxTiles = Annotated[
+    int | None, typer.Option("--max-tiles", min=1, help="At most this many tiles per slide.")
+]
+Device = Annotated[str, typer.Option("--device", help="torch device: cpu, cuda, cuda:1, …")]
+BatchSize = Annotated[int, typer.Option("--batch-size", min=1, help="Tiles per batch.")]
+
+
+@stain_app.command("fit")
+@reports_user_errors
+def stain_fit(
+    references: Annotated[list[Path], typer.Argument(help="Reference images (or folders).")],
+    out: Annotated[Path, typer.Option("--out", help="Target file to write (JSON).")],
+    method: Annotated[str, typer.Option("--method", help="macenko, vahadane or reinhard.")] = (
+        "macenko"
+    ),
+    as_json: AsJson = False,
+) -> None:
+    """Fit a stain target to one or more reference images and save it."""
+    from histopilot.tools.images import list_images, read_rgb
+    from histopilot.tools.stain import StainNormalizer
+
+    images = [read_rgb(path) for path in list_images(references)]
+    target = StainNormalizer.fit(images, method).save(out)
+    _report(
+        _target_summary(out), as_json, f"{method} target from {len(images)} image(s) → {target}"
+    )
+
+
+def _target_summary(path: Path) -> dict:
+    from histopilot.tools.stain import StainTarget
+
+    return {"target": str(path), **StainTarget.load(path).model_dump()}
+
+
+@stain_app.command("normalize")
+@reports_user_errors
+def stain_normalize(
+    inputs: StainInputs,
+    out: StainOut,
+    target: Annotated[
+        list[Path],
+        typer.Option("--target", help="Reference image(s), or a target saved by `stain fit`."),
+    ],
+    method: Annotated[
+        str | None, typer.Option("--method", help="macenko (default), vahadane or reinhard.")
+    ] = None,
+    tile_size: TileSize = 512,
+    tile_mpp: TileMPP = 0.5,
+    max_tiles: MaxTiles = None,
+    device: Device = "cpu",
+    batch_size: BatchSize = 64,
+    as_json: AsJson = False,
+) -> None:
+    """Normalize tiles toward a target; tiles that cannot be normalized are copied, flagged."""
+    from histopilot.tools.images import list_images, read_rgb
+    from histopilot.tools.stain import StainNormalizer
+    from histopilot.tools.stain.files import SlideTiling, iter_inputs, process_files
+
+    if len(target) == 1 and target[0].suffix.lower() == ".json":
+        normalizer = StainNormalizer.load(target[0], device=device)
+        if method and method != normalizer.method:
+            raise HistopilotError(
+                f"{target[0]} is a {normalizer.method} target; drop --method or refit it"
+            )
+    else:
+        references = [read_rgb(path) for path in list_images(target)]
+        normalizer = StainNormalizer.fit(references, method or "macenko", device=device)
+    tiles = iter_inputs(inputs, SlideTiling(tile_size, tile_mpp, max_tiles=max_tiles))
+    with _progress() as progress:
+        task = progress.add_task("normalize", total=None)
+        flags = process_files(
+            tiles,
+            normalizer.transform,
+            out,
+            batch_size=batch_size,
+            on_tile=lambda: progress.advance(task),
+        )
+    normalizer.save(out / "target.json")
+    _report_stain(flags, out, as_json, f"{normalizer.method}-normalized")
+
+
+@stain_app.command("augment")
+@reports_user_errors
+def stain_augment(
+    inputs: StainInputs,
+    out: StainOut,
+    method: Annotated[str, typer.Option("--method", help="hed or macenko.")] = "hed",
+    copies: Annotated[int, typer.Option("--copies", min=1, help="Variants per tile.")] = 1,
+    scale: Annotated[
+        float, typer.Option("--scale", help="Stain amounts vary by up to ± this fraction.")
+    ] = 0.05,
+    shift: Annotated[float, typer.Option("--shift", help="Stain offsets up to ± this OD.")] = 0.05,
+    seed: Annotated[int, typer.Option("--seed", min=0, help="Seed; same seed, same output.")] = 0,
+    tile_size: TileSize = 512,
+    tile_mpp: TileMPP = 0.5,
+    max_tiles: MaxTiles = None,
+    device: Device = "cpu",
+    batch_size: BatchSize = 64,
+    as_json: AsJson = False,
+) -> None:
+    """Write randomly re-stained copies of tiles, for training."""
+    from histopilot.tools.stain import Jitter
+    from histopilot.tools.stain.files import SlideTiling, augment_with, iter_inputs, process_files
+
+    jitter = Jitter(scale=scale, shift=shift)
+    tiling = SlideTiling(tile_size, tile_mpp, max_tiles=max_tiles)
+    flags: dict[str, int] = {}
+    with _progress() as progress:
+        task = progress.add_task("augment", total=None)
+        for copy in range(copies):
+            counted = process_files(
+                iter_inputs(inputs, tiling),
+                augment_with(method, jitter, seed=seed, copy=copy, device=device),
+                out,
+                batch_size=batch_size,
+                suffix=f"_aug{copy}",
+                on_tile=lambda: progress.advance(task),
+            )
+            for flag, count in counted.items():
+                flags[flag] = flags.get(flag, 0) + count
+    _report_stain(flags, out, as_json, f"{method}-augmented")
+
+
+def _report_stain(flags: dict[str, int], out: Path, as_json: bool, done: str) -> None:
+    summary = {"out": str(out), "tiles": sum(flags.values()), "flags": dict(flags)}
+    unchanged = ", ".join(
+        f"{count} {flag}"
+        for flag, count in sorted(flags.items())
+        if count and flag not in ("normalized", "augmented")
+    )
+    line = f"{summary['tiles']} tiles → {out} ({done}" + (
+        f"; unchanged: {unchanged})" if unchanged else ")"
+    )
+    _report(summary, as_json, line)
 
 
 # -- knowledge base -------------------------------------------------------------------------

@@ -70,4 +70,12 @@ class KnowledgeSourceError(HistopilotError):
 
 
 class ImageInputError(HistopilotError):
-    """A query image is missing, not an image, or too large."""
+    """An image file or array cannot be used: unreadable, wrong channels, bit depth or size."""
+
+
+class StainError(HistopilotError):
+    """A stain target or normalizer cannot be fitted, loaded or applied."""
+
+
+class DiffusionError(HistopilotError):
+    """A diffusion model, its conditions or a generation request does not fit together."""

@@ -15,18 +15,19 @@ from pathlib import Path
 from typing import Self
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, Field, model_validator
 from scipy.cluster.vq import kmeans2
 
-from histopilot.errors import ImageInputError, RegionError
+from histopilot.errors import RegionError
 from histopilot.retrieval.encoders.base import PatchEncoder
 from histopilot.retrieval.features import SlideFeatures
 from histopilot.retrieval.patch_index import PatchHit, PatchIndex
 from histopilot.slide import Slide, open_slide
+from histopilot.tools.images import read_rgb
 
 #: Query images beyond this many pixels are refused before decoding (below Pillow's own
 #: decompression-bomb limit, so the message is ours); query a slide region instead.
+QUERY_HINT = "crop it, or query a region of the slide with --slide/--region"
 MAX_QUERY_PIXELS = 64_000_000
 #: Yottixel's mosaic: 9 appearance clusters, 5 % of each cluster's patches (at least one).
 MOSAIC_CLUSTERS, MOSAIC_FRACTION = 9, 0.05
@@ -84,30 +85,8 @@ class SlideHit(BaseModel):
 
 
 def load_query_image(path: str | Path) -> np.ndarray:
-    """An image file as RGB uint8; anything that is not an image, or too large to be a query,
-    is a clear error. The size is checked from the header, before any pixel is decoded."""
-    path = Path(path)
-    if not path.is_file():
-        raise ImageInputError(f"no image file at {path}.")
-    try:
-        with Image.open(path) as image:
-            if image.width * image.height > MAX_QUERY_PIXELS:
-                raise _too_large(path, f"{image.width}x{image.height} pixels")
-            return np.asarray(image.convert("RGB"))
-    except Image.DecompressionBombError as error:
-        raise _too_large(path, "beyond Pillow's decompression limit") from error
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-        raise ImageInputError(
-            f"{path.name} is not an image Pillow can read (PNG, JPEG, TIFF…): {error}"
-        ) from error
-
-
-def _too_large(path: Path, size: str) -> ImageInputError:
-    return ImageInputError(
-        f"{path.name} is {size}, too large for a query image (at most "
-        f"{MAX_QUERY_PIXELS // 1_000_000} megapixels); crop it, or query a region of the slide "
-        "with --slide/--region."
-    )
+    """An image file as RGB uint8, refused when it is too large to be a query."""
+    return read_rgb(path, max_pixels=MAX_QUERY_PIXELS, too_large_hint=QUERY_HINT)
 
 
 def region_tiles(

@@ -150,18 +150,26 @@ def pen_marks(hsv: np.ndarray) -> np.ndarray:
     any counterstain, light-blue ink brighter and more saturated, red ink more saturated
     than eosin.
     """
-    hue = hsv[..., 0].astype(np.int16)
-    sat = hsv[..., 1].astype(np.int16)
-    val = hsv[..., 2].astype(np.int16)
+    hue, sat, val = (hsv[..., channel].astype(np.int16) for channel in range(3))
+    pen = pen_ink(hue, sat, val)
+    # Ink edges blur into the glass and tissue next to them.
+    return cv2.dilate(pen.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
+
+
+def pen_ink(hue, sat, val, *, black: bool = True):
+    """The ink rules on OpenCV-scaled hue (0–180), saturation and value (0–255).
+
+    Only comparisons and ``&``/``|``, so the same rules run on NumPy arrays and torch tensors.
+    ``black=False`` leaves out black ink, which at tile magnification cannot be told from
+    densely stained nuclei.
+    """
     green = (hue >= 35) & (hue < 100) & (sat > 50) & (val > 30)
     teal_hue = (hue >= 100) & (hue < 110)
     dark_teal = teal_hue & (((sat > 90) & (val < 140)) | ((sat > 55) & (val < 130)))
     light_blue = (hue >= 95) & (hue <= 130) & (sat > 90) & (val > 160)
     red = ((hue <= 8) | (hue >= 172)) & (sat > 170) & (val > 60)
-    black = val < 60
-    pen = green | dark_teal | light_blue | red | black
-    # Ink edges blur into the glass and tissue next to them.
-    return cv2.dilate(pen.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
+    coloured = green | dark_teal | light_blue | red
+    return coloured | (val < 60) if black else coloured
 
 
 def _polygons(mask: np.ndarray, downsample: float) -> list[TissuePolygon]:
