@@ -29,6 +29,7 @@ from histopilot.slide import Slide, SlideInfo, detect_tissue, open_slide
 from histopilot.slide.demo import build_demo_slide
 from histopilot.slide.render import draw_tissue_outline, save_png
 from histopilot.slide.tiling import TileGrid, iter_tiles, tile_grid
+from histopilot.storage import atomic_file
 
 app = typer.Typer(
     name="histopilot",
@@ -44,6 +45,10 @@ kb_app = typer.Typer(help="Knowledge bases of ontologies, tumour trees and docum
 app.add_typer(kb_app, name="kb", no_args_is_help=True)
 stain_app = typer.Typer(help="Stain normalization and augmentation of tiles and slides.")
 app.add_typer(stain_app, name="stain", no_args_is_help=True)
+diffusion_app = typer.Typer(help="Diffusion edits of tiles: stain transfer, counterfactuals.")
+app.add_typer(diffusion_app, name="diffusion", no_args_is_help=True)
+finetune_app = typer.Typer(help="Training recipes.")
+app.add_typer(finetune_app, name="finetune", no_args_is_help=True)
 
 stderr = Console(stderr=True)
 P = ParamSpec("P")
@@ -1103,6 +1108,152 @@ def _report_stain(flags: dict[str, int], out: Path, as_json: bool, done: str) ->
         f"; unchanged: {unchanged})" if unchanged else ")"
     )
     _report(summary, as_json, line)
+
+
+# -- diffusion and fine-tuning ----------------------------------------------------------------
+ModelFolder = Annotated[
+    Path, typer.Option("--model", help="Diffusion model folder (`finetune diffusion`).")
+]
+Steps = Annotated[int, typer.Option("--steps", min=1, help="DDIM steps.")]
+
+
+@finetune_app.command("diffusion")
+@reports_user_errors
+def finetune_diffusion(
+    config: Annotated[Path, typer.Option("--config", help="Recipe (YAML).")],
+    out: Annotated[Path | None, typer.Option("--out", help="Override the recipe's out.")] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume/--restart", help="Continue from the last checkpoint.")
+    ] = True,
+    as_json: AsJson = False,
+) -> None:
+    """Train the conditional tile diffusion model (EMA, checkpoints, sample grids, resume)."""
+    import yaml
+
+    from histopilot.finetune.diffusion import DiffusionRecipe, train_diffusion
+
+    recipe = DiffusionRecipe.load(config)
+    if out is not None:
+        recipe = recipe.model_copy(update={"out": out})
+    if not resume and (recipe.out / "checkpoints").exists():
+        import shutil
+
+        shutil.rmtree(recipe.out / "checkpoints")
+    stderr.print(yaml.safe_dump(json.loads(recipe.model_dump_json()), sort_keys=False).rstrip())
+    with _progress() as progress:
+        task = progress.add_task("training", total=recipe.train.steps)
+
+        def advance(step: int, loss: float) -> None:
+            progress.update(task, completed=step, description=f"loss {loss:.4f}")
+
+        result = train_diffusion(recipe, resume=resume, on_step=advance)
+    tenth = max(1, len(result.losses) // 10)
+    summary = result.model_dump(mode="json", exclude={"losses"}) | {
+        "loss_first_tenth": sum(result.losses[:tenth]) / tenth,
+        "loss_last_tenth": sum(result.losses[-tenth:]) / tenth,
+    }
+    _report(summary, as_json, f"{result.steps} steps; model → {result.model}")
+
+
+@diffusion_app.command("transfer")
+@reports_user_errors
+def diffusion_transfer(
+    inputs: StainInputs,
+    out: StainOut,
+    model: ModelFolder,
+    source: Annotated[str, typer.Option("--source", help="The tiles' condition now.")],
+    target: Annotated[str, typer.Option("--target", help="The condition to move them to.")],
+    method: Annotated[str, typer.Option("--method", help="ddim (inversion) or sdedit.")] = "ddim",
+    steps: Steps = 50,
+    strength: Annotated[
+        float, typer.Option("--strength", help="SDEdit noise level, 0–1 (more = freer).")
+    ] = 0.6,
+    seed: Annotated[int, typer.Option("--seed", min=0)] = 0,
+    as_json: AsJson = False,
+) -> None:
+    """Restain tiles with the diffusion model; reports hematoxylin-channel SSIM per tile."""
+    from histopilot.tools.diffusion import TileDiffusion, transfer_stain
+
+    diffusion = TileDiffusion.from_pretrained(model)
+    rows = []
+    for tile, resized in _model_tiles(inputs, diffusion.image_size):
+        result = transfer_stain(
+            diffusion,
+            resized[None],
+            source,
+            target,
+            method=method,
+            steps=steps,
+            strength=strength,
+            seed=seed,
+        )
+        path = save_png(result.images[0], out / f"{tile.name}.png")
+        rows.append(
+            {
+                "source": tile.source,
+                "output": str(path),
+                "hematoxylin_ssim": result.hematoxylin_ssim[0],
+            }
+        )
+    _write_json_rows(out / "transfer.json", rows)
+    _report({"out": str(out), "tiles": rows}, as_json, f"{len(rows)} tiles → {out}")
+
+
+@diffusion_app.command("counterfactual")
+@reports_user_errors
+def diffusion_counterfactual(
+    inputs: StainInputs,
+    out: StainOut,
+    model: ModelFolder,
+    classifier: Annotated[Path, typer.Option("--classifier", help="Classifier to explain.")],
+    target: Annotated[str, typer.Option("--target", help="Class to move the tiles toward.")],
+    oracle: Annotated[
+        Path | None, typer.Option("--oracle", help="Independent classifier to check flips.")
+    ] = None,
+    steps: Steps = 50,
+    strength: Annotated[float, typer.Option("--strength", help="Inversion depth, 0–1.")] = 0.6,
+    scale: Annotated[float, typer.Option("--scale", help="Classifier guidance scale.")] = 8.0,
+    as_json: AsJson = False,
+) -> None:
+    """Counterfactual tiles toward a class, with heatmaps and before/after probabilities."""
+    from histopilot.tools.diffusion import Guide, TileClassifier, TileDiffusion, counterfactuals
+
+    diffusion = TileDiffusion.from_pretrained(model)
+    explained = TileClassifier.load(classifier)
+    checker = TileClassifier.load(oracle) if oracle else None
+    guide = Guide(scale=scale, strength=strength, steps=steps)
+    rows = []
+    for tile, resized in _model_tiles(inputs, diffusion.image_size):
+        (result,) = counterfactuals(
+            diffusion, explained, resized[None], target, guide=guide, oracle=checker
+        )
+        image = save_png(result.image, out / f"{tile.name}.png")
+        panel = save_png(result.panel(), out / f"{tile.name}-compare.png")
+        rows.append(
+            {"source": tile.source, "output": str(image), "compare": str(panel), **result.summary()}
+        )
+    _write_json_rows(out / "counterfactuals.json", rows)
+    flipped = sum(row["flipped"] for row in rows)
+    _report(
+        {"out": str(out), "tiles": rows},
+        as_json,
+        f"{flipped}/{len(rows)} flipped to {target} → {out}",
+    )
+
+
+def _model_tiles(inputs: list[Path], size: int):
+    """Input tiles (files, folders, slides) with copies resized to the model's tile size."""
+    import cv2
+
+    from histopilot.tools.stain.files import SlideTiling, iter_inputs
+
+    for tile in iter_inputs(inputs, SlideTiling()):
+        yield tile, cv2.resize(tile.image, (size, size), interpolation=cv2.INTER_AREA)
+
+
+def _write_json_rows(path: Path, rows: list[dict]) -> None:
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(rows, indent=2) + "\n")
 
 
 # -- knowledge base -------------------------------------------------------------------------

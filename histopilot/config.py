@@ -181,6 +181,21 @@ class AgentsConfig(_Strict):
     review: bool = Field(
         False, description="Pause before the report is final for a pathologist to review it."
     )
+    stain_target: str | None = Field(
+        None, description="Stain target file (`stain fit`) for the normalize_stain tool."
+    )
+    diffusion_model: str | None = Field(
+        None, description="Diffusion model folder (`finetune diffusion`) for counterfactuals."
+    )
+    classifier: str | None = Field(
+        None, description="Tile classifier folder the counterfactual tool explains."
+    )
+    oracle: str | None = Field(
+        None, description="A second, independent tile classifier that checks counterfactuals."
+    )
+    image_outputs: str | None = Field(
+        None, description="Folder for images the tools write (default: the user data folder)."
+    )
 
     @field_validator(
         "reference_bank",
@@ -189,6 +204,11 @@ class AgentsConfig(_Strict):
         "mil_head",
         "feature_cache",
         "checkpoints",
+        "stain_target",
+        "diffusion_model",
+        "classifier",
+        "oracle",
+        "image_outputs",
         mode="before",
     )
     @classmethod

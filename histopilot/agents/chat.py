@@ -15,6 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any, TypedDict
 
+import platformdirs
 from langchain_core.messages import AIMessage, AnyMessage, HumanMessage, SystemMessage, ToolMessage
 from langchain_core.tools import BaseTool, InjectedToolCallId, tool
 from langgraph.checkpoint.base import BaseCheckpointSaver
@@ -223,7 +224,9 @@ def chat_tools(
         )
 
     from histopilot.retrieval.tools import retrieval_tools
+    from histopilot.tools.image_tools import image_tools
 
+    settings = context.settings
     return [
         describe_slide_region,
         run_full_analysis,
@@ -231,6 +234,15 @@ def chat_tools(
             patch_index=context.patch_index,
             encoder=context.encoder if context.patch_index is not None else None,
             knowledge=context.knowledge,
+        ),
+        *image_tools(
+            outputs=Path(settings.image_outputs)
+            if settings.image_outputs
+            else Path(platformdirs.user_data_dir("histopilot")) / "images",
+            stain_target=settings.stain_target,
+            diffusion_model=settings.diffusion_model,
+            classifier=settings.classifier,
+            oracle=settings.oracle,
         ),
     ]
 

@@ -1,5 +1,6 @@
 """Fine-tuning recipes.
 
-It will own LoRA supervised fine-tuning of the vision-language backbones, contrastive CLIP
-tuning, diffusion training and the multiple-instance triage head.
+``diffusion`` trains the conditional tile diffusion model. LoRA supervised fine-tuning of the
+vision-language backbones, contrastive CLIP tuning and the multiple-instance triage head will
+join it.
 """

@@ -80,7 +80,7 @@ def retrieval_tools(
     return tools
 
 
-def _tool(function, name: str, schema: type[BaseModel]) -> StructuredTool:
+def structured_tool(function, name: str, schema: type[BaseModel]) -> StructuredTool:
     """A tool that returns (compact JSON for the model, the Pydantic result as artifact);
     a user-facing error becomes the tool's answer so the agent can recover."""
 
@@ -112,7 +112,7 @@ def _patch_tool(index: PatchIndex, encoder: PatchEncoder) -> StructuredTool:
         queries = query_vectors(request, encoder)
         return SimilarPatchesResult(hits=search_patches(index, queries, request.k))
 
-    return _tool(find, "search_similar_patches", SimilarPatchesInput)
+    return structured_tool(find, "search_similar_patches", SimilarPatchesInput)
 
 
 def _slide_tool(index: PatchIndex, encoder: PatchEncoder) -> StructuredTool:
@@ -122,11 +122,11 @@ def _slide_tool(index: PatchIndex, encoder: PatchEncoder) -> StructuredTool:
             features = embed_slide(slide, encoder)
         return SimilarSlidesResult(slides=search_slides(index, features, k=request.k))
 
-    return _tool(find, "search_similar_slides", SimilarSlidesInput)
+    return structured_tool(find, "search_similar_slides", SimilarSlidesInput)
 
 
 def _knowledge_tool(knowledge: KnowledgeBase) -> StructuredTool:
     def find(request: KnowledgeInput) -> KnowledgeResult:
         return KnowledgeResult(passages=knowledge.query(request.query, request.k))
 
-    return _tool(find, "search_knowledge", KnowledgeInput)
+    return structured_tool(find, "search_knowledge", KnowledgeInput)

@@ -156,20 +156,28 @@ def pen_marks(hsv: np.ndarray) -> np.ndarray:
     return cv2.dilate(pen.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
 
 
-def pen_ink(hue, sat, val, *, black: bool = True):
-    """The ink rules on OpenCV-scaled hue (0–180), saturation and value (0–255).
+INKS = frozenset({"green", "dark_teal", "light_blue", "red", "black"})
+
+
+def pen_ink(hue, sat, val, *, inks: frozenset[str] = INKS):
+    """The ``inks`` rules on OpenCV-scaled hue (0–180), saturation and value (0–255).
 
     Only comparisons and ``&``/``|``, so the same rules run on NumPy arrays and torch tensors.
-    ``black=False`` leaves out black ink, which at tile magnification cannot be told from
-    densely stained nuclei.
     """
-    green = (hue >= 35) & (hue < 100) & (sat > 50) & (val > 30)
-    teal_hue = (hue >= 100) & (hue < 110)
-    dark_teal = teal_hue & (((sat > 90) & (val < 140)) | ((sat > 55) & (val < 130)))
-    light_blue = (hue >= 95) & (hue <= 130) & (sat > 90) & (val > 160)
-    red = ((hue <= 8) | (hue >= 172)) & (sat > 170) & (val > 60)
-    coloured = green | dark_teal | light_blue | red
-    return coloured | (val < 60) if black else coloured
+    rules = {
+        "green": lambda: (hue >= 35) & (hue < 100) & (sat > 50) & (val > 30),
+        "dark_teal": lambda: (
+            (hue >= 100) & (hue < 110) & (((sat > 90) & (val < 140)) | ((sat > 55) & (val < 130)))
+        ),
+        "light_blue": lambda: (hue >= 95) & (hue <= 130) & (sat > 90) & (val > 160),
+        "red": lambda: ((hue <= 8) | (hue >= 172)) & (sat > 170) & (val > 60),
+        "black": lambda: val < 60,
+    }
+    found = None
+    for name in sorted(inks):
+        mask = rules[name]()
+        found = mask if found is None else found | mask
+    return found
 
 
 def _polygons(mask: np.ndarray, downsample: float) -> list[TissuePolygon]:

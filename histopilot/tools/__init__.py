@@ -1,5 +1,6 @@
 """Capabilities the agents call, each usable on its own from Python and the CLI.
 
-It will own stain tools (classical and diffusion-based), knowledge-base search, report schemas
-and drafting, FHIR export and structured extraction from free-text reports.
+``stain`` (separation, normalization, augmentation), ``diffusion`` (a conditional tile model,
+stain transfer, counterfactuals) and ``image_tools`` (both as LangChain tools). Report schemas,
+drafting, FHIR export and structured extraction from free-text reports will join them.
 """

@@ -38,11 +38,13 @@ def lab_to_rgb(lab: torch.Tensor) -> torch.Tensor:
     return (unit * 255.0).clamp(0.0, 255.0)
 
 
-def pen_pixels(pixels: torch.Tensor) -> torch.Tensor:
-    """Coloured marker ink (True) in (..., 3) RGB 0–255, by the slide layer's rules (OpenCV HSV).
+# At tile magnification, strongly stained nuclei meet the black and dark-teal ink rules
+# (measured on CMU-1 at 0.5 µm/px); green, bright blue and red ink stay distinct from stains.
+TILE_INKS = frozenset({"green", "light_blue", "red"})
 
-    Black ink is left out: in a tile, dense nuclei are as dark as it.
-    """
+
+def pen_pixels(pixels: torch.Tensor) -> torch.Tensor:
+    """Marker ink (True) in (..., 3) RGB 0–255, by the slide layer's rules (OpenCV HSV)."""
     high, _ = pixels.max(-1)
     low, _ = pixels.min(-1)
     spread = (high - low).clamp_min(1e-6)
@@ -56,4 +58,4 @@ def pen_pixels(pixels: torch.Tensor) -> torch.Tensor:
     )
     hue = torch.where(high == low, torch.zeros_like(hue), hue) % 360 / 2
     saturation = torch.where(high > 0, (high - low) / high.clamp_min(1e-6) * 255, 0.0)
-    return pen_ink(hue.round(), saturation.round(), high, black=False)
+    return pen_ink(hue.round(), saturation.round(), high, inks=TILE_INKS)

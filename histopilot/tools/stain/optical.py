@@ -93,10 +93,14 @@ def masked_angle_percentiles(
 
 
 def percentile(values: torch.Tensor, percent: float) -> torch.Tensor:
-    """The ``percent`` percentile of each row of ``values`` (..., N), by k-th value."""
+    """The ``percent`` percentile of each row of ``values`` (..., N): the k-th value with
+    k = 1 + round(p·(N − 1)), found as the smallest of the top N − k + 1 (a partial sort,
+    about twice as fast as a k-th value search for the high percentiles used here)."""
     count = values.shape[-1]
     rank = 1 + round(percent / 100 * (count - 1))
-    return values.kthvalue(rank, dim=-1).values
+    if rank > count // 2:
+        return values.topk(count - rank + 1, dim=-1).values[..., -1]
+    return values.topk(rank, dim=-1, largest=False).values[..., -1]
 
 
 def map_pixels(

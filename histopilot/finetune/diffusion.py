@@ -1,0 +1,398 @@
+"""Training recipe for the conditional tile diffusion model (``histopilot finetune diffusion``).
+
+A YAML recipe names a folder of tiles (and a labels CSV whose column gives each tile's
+condition: tissue class or stain domain), the UNet's size, and the training schedule. Training
+keeps an exponential moving average of the weights (sampled from and saved, as is usual for
+diffusion models), writes resumable checkpoints and sample grids, and ends with the model, a
+tile classifier and an independent second classifier (for counterfactuals), and a run card.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import platform
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Literal
+
+import cv2
+import numpy as np
+import torch
+import yaml
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DModel
+from diffusers.training_utils import EMAModel
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from histopilot import __version__
+from histopilot.errors import ConfigError, DiffusionError
+from histopilot.storage import atomic_directory, atomic_file
+from histopilot.tools.diffusion.classifier import random_dihedral, train_classifier
+from histopilot.tools.diffusion.model import TileDiffusion, to_uint8
+from histopilot.tools.diffusion.sampling import generate, timesteps
+from histopilot.tools.images import list_images, read_rgb, side_by_side
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataSpec(_Strict):
+    images: Path = Field(description="Folder of tiles (searched recursively)")
+    labels: Path | None = Field(
+        default=None, description="CSV with a 'file' column (relative to images) and a label"
+    )
+    column: str = Field(default="label", description="Labels column used as the condition")
+
+
+class UNetSpec(_Strict):
+    block_out_channels: list[int] = Field(default=[32, 64, 64], min_length=1)
+    layers_per_block: int = Field(default=1, ge=1)
+    attention: bool = Field(default=False, description="Self-attention in the deepest block")
+    norm_num_groups: int = Field(default=8, ge=1)
+
+    @model_validator(mode="after")
+    def _groups_divide(self) -> UNetSpec:
+        if any(channels % self.norm_num_groups for channels in self.block_out_channels):
+            raise ValueError("norm_num_groups must divide every block_out_channels value")
+        return self
+
+
+class TrainSpec(_Strict):
+    steps: int = Field(default=2000, ge=1)
+    batch_size: int = Field(default=16, ge=1)
+    learning_rate: float = Field(default=1e-3, gt=0)
+    ema_decay: float = Field(default=0.999, ge=0, lt=1)
+    seed: int = Field(default=0, ge=0)
+    checkpoint_every: int = Field(default=500, ge=1)
+    keep_checkpoints: int = Field(default=2, ge=1)
+    sample_every: int = Field(default=500, ge=1)
+    sample_steps: int = Field(default=25, ge=1)
+    num_train_timesteps: int = Field(default=1000, ge=10)
+    beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "squaredcos_cap_v2"
+    device: str = "cpu"
+
+
+class ClassifierSpec(_Strict):
+    train: bool = Field(
+        default=True, description="Train the tile classifier counterfactuals explain"
+    )
+    oracle: bool = Field(default=True, description="Train a second, independent one to check flips")
+    steps: int = Field(default=400, ge=1)
+    width: int = Field(default=16, ge=2)
+
+
+class DiffusionRecipe(_Strict):
+    """The whole recipe; relative paths are relative to the recipe file."""
+
+    data: DataSpec
+    out: Path
+    image_size: int = Field(default=64, ge=8, le=1024)
+    model: UNetSpec = UNetSpec()
+    pretrained: str | None = Field(
+        default=None, description="Start from a saved model, diffusers folder or cached hub id"
+    )
+    vae: str | None = Field(default=None, description="AutoencoderKL folder: train on latents")
+    train: TrainSpec = TrainSpec()
+    classifier: ClassifierSpec = ClassifierSpec()
+
+    @classmethod
+    def load(cls, path: str | Path) -> DiffusionRecipe:
+        path = Path(path)
+        try:
+            raw = yaml.safe_load(path.read_text())
+        except FileNotFoundError as error:
+            raise ConfigError(f"no recipe file at {path}") from error
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path} is not valid YAML: {error}") from error
+        try:
+            recipe = cls.model_validate(raw or {})
+        except ValidationError as error:
+            raise ConfigError(f"{path}: {error}") from error
+        return recipe.relative_to(path.parent)
+
+    def relative_to(self, base: Path) -> DiffusionRecipe:
+        def resolve(value: Path | None) -> Path | None:
+            return None if value is None or value.is_absolute() else base / value
+
+        data = self.data.model_copy(
+            update={
+                "images": resolve(self.data.images) or self.data.images,
+                "labels": resolve(self.data.labels) or self.data.labels,
+            }
+        )
+        local = {
+            name: str(base / value)
+            for name in ("pretrained", "vae")
+            if (value := getattr(self, name)) and (base / value).exists()
+        }
+        return self.model_copy(update={"data": data, "out": resolve(self.out) or self.out, **local})
+
+
+class TrainingResult(BaseModel):
+    model: Path
+    classifier: Path | None
+    oracle: Path | None
+    run_card: Path
+    steps: int
+    losses: list[float]
+
+
+def load_tiles(spec: DataSpec, size: int) -> tuple[np.ndarray, list[str] | None]:
+    """Tiles resized to ``size`` px, and their conditions when a labels file is given."""
+    if spec.labels is None:
+        paths = list_images([spec.images])
+        labels = None
+    else:
+        paths, labels = _labelled(spec)
+    if len(paths) < 2:
+        raise DiffusionError(f"{spec.images}: found {len(paths)} tile(s); training needs more")
+    tiles = [
+        cv2.resize(read_rgb(path), (size, size), interpolation=cv2.INTER_AREA) for path in paths
+    ]
+    return np.stack(tiles), labels
+
+
+def _labelled(spec: DataSpec) -> tuple[list[Path], list[str]]:
+    root = spec.images.resolve()
+    try:
+        with spec.labels.open(newline="") as handle:
+            rows = list(csv.DictReader(handle))
+    except OSError as error:
+        raise DiffusionError(f"cannot read the labels file {spec.labels}: {error}") from error
+    if not rows or "file" not in rows[0] or spec.column not in rows[0]:
+        raise DiffusionError(f"{spec.labels} needs 'file' and '{spec.column}' columns")
+    paths, labels = [], []
+    for number, row in enumerate(rows, start=2):
+        path = (root / row["file"]).resolve()
+        if not path.is_relative_to(root):
+            raise DiffusionError(f"{spec.labels}:{number}: {row['file']!r} is outside {root}")
+        if not row[spec.column].strip():
+            raise DiffusionError(f"{spec.labels}:{number}: the {spec.column} is empty")
+        paths.append(path)
+        labels.append(row[spec.column].strip())
+    return paths, labels
+
+
+def build_model(recipe: DiffusionRecipe, conditions: list[str]) -> TileDiffusion:
+    """A fresh model sized by the recipe, or the pretrained one it names."""
+    if recipe.pretrained:
+        model = TileDiffusion.from_pretrained(recipe.pretrained)
+        if model.conditions != conditions and (conditions or model.conditions):
+            raise DiffusionError(
+                f"{recipe.pretrained} knows conditions {model.conditions}, the data has "
+                f"{conditions}; train from scratch or relabel"
+            )
+        return model
+    vae = AutoencoderKL.from_pretrained(recipe.vae) if recipe.vae else None
+    scale = 2 ** (len(vae.config.block_out_channels) - 1) if vae else 1
+    channels = vae.config.latent_channels if vae else 3
+    spec = recipe.model
+    depth = len(spec.block_out_channels)
+    down = ["DownBlock2D"] * depth
+    up = ["UpBlock2D"] * depth
+    if spec.attention:
+        down[-1], up[0] = "AttnDownBlock2D", "AttnUpBlock2D"
+    unet = UNet2DModel(
+        sample_size=recipe.image_size // scale,
+        in_channels=channels,
+        out_channels=channels,
+        block_out_channels=tuple(spec.block_out_channels),
+        layers_per_block=spec.layers_per_block,
+        down_block_types=tuple(down),
+        up_block_types=tuple(up),
+        norm_num_groups=spec.norm_num_groups,
+        num_class_embeds=len(conditions) or None,
+        add_attention=spec.attention,
+    )
+    scheduler = DDIMScheduler(
+        num_train_timesteps=recipe.train.num_train_timesteps,
+        beta_schedule=recipe.train.beta_schedule,
+        clip_sample=False,
+    )
+    return TileDiffusion(unet, scheduler, conditions, recipe.image_size, vae)
+
+
+def train_diffusion(
+    recipe: DiffusionRecipe,
+    *,
+    resume: bool = True,
+    on_step: Callable[[int, float], None] | None = None,
+) -> TrainingResult:
+    """Train (or continue training) the recipe's model; see the module docstring."""
+    started = time.perf_counter()
+    train = recipe.train
+    tiles, labels = load_tiles(recipe.data, recipe.image_size)
+    conditions = sorted(set(labels)) if labels else []
+    torch.manual_seed(train.seed)  # the UNet's initial weights
+    model = build_model(recipe, conditions).to(train.device)
+    if model.vae is not None:
+        model.vae.requires_grad_(False)
+    with torch.no_grad():
+        data = model.encode(tiles)
+    ids = model.condition_ids(labels, len(labels)) if labels else None
+
+    generator = torch.Generator().manual_seed(train.seed)
+    optimizer = torch.optim.AdamW(model.unet.parameters(), lr=train.learning_rate)
+    ema = EMAModel(model.unet.parameters(), decay=train.ema_decay)
+    losses: list[float] = []
+    checkpoints = recipe.out / "checkpoints"
+    step = _resume(checkpoints, model, ema, optimizer, generator, losses) if resume else 0
+
+    model.unet.train()
+    while step < train.steps:
+        batch = torch.randint(
+            0, len(data), (min(train.batch_size, len(data)),), generator=generator
+        )
+        clean = random_dihedral(data[batch], generator)
+        noise = torch.randn(clean.shape, generator=generator).to(clean)
+        times = torch.randint(0, train.num_train_timesteps, (len(batch),), generator=generator)
+        noisy = model.scheduler.add_noise(clean, noise, times.to(clean.device))
+        predicted = model.unet(
+            noisy, times.to(clean.device), class_labels=None if ids is None else ids[batch]
+        ).sample
+        loss = torch.nn.functional.mse_loss(predicted, noise)
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.unet.parameters(), 1.0)
+        optimizer.step()
+        ema.step(model.unet.parameters())
+        step += 1
+        losses.append(loss.item())
+        if on_step:
+            on_step(step, losses[-1])
+        if step % train.sample_every == 0 or step == train.steps:
+            with _ema_weights(ema, model):
+                save_sample_grid(model, recipe.out / "samples" / f"step-{step:07d}.png", train)
+        if step % train.checkpoint_every == 0 or step == train.steps:
+            _checkpoint(checkpoints, step, model, ema, optimizer, generator, losses, train)
+
+    model.unet.eval()
+    with _ema_weights(ema, model):
+        saved = model.save_pretrained(recipe.out / "model")
+    classifier, oracle = _classifiers(recipe, tiles, labels)
+    card = _run_card(recipe, tiles, labels, losses, time.perf_counter() - started, model)
+    return TrainingResult(
+        model=saved, classifier=classifier, oracle=oracle, run_card=card, steps=step, losses=losses
+    )
+
+
+class _ema_weights:  # noqa: N801 - used as a context manager, like contextlib helpers
+    """Swap the EMA weights into the UNet for the duration of the block."""
+
+    def __init__(self, ema: EMAModel, model: TileDiffusion) -> None:
+        self.ema, self.parameters = ema, list(model.unet.parameters())
+
+    def __enter__(self) -> None:
+        self.ema.store(self.parameters)
+        self.ema.copy_to(self.parameters)
+
+    def __exit__(self, *_) -> None:
+        self.ema.restore(self.parameters)
+
+
+def save_sample_grid(model: TileDiffusion, path: Path, train: TrainSpec, per_row: int = 4) -> Path:
+    """One row of generated tiles per condition (one row if unconditional), fixed seed."""
+    rows = model.conditions or [""]
+    generator = torch.Generator().manual_seed(train.seed)
+    shape = (per_row, model.unet.config.in_channels, *(2 * [model.unet.config.sample_size]))
+    schedule = timesteps(model, train.sample_steps)
+    images = []
+    with torch.no_grad():
+        for condition in rows:
+            noise = torch.randn(shape, generator=generator).to(model.device)
+            labels = model.condition_ids(condition, per_row) if condition else None
+            images.append(
+                side_by_side(*to_uint8(model.decode(generate(model, noise, labels, schedule))))
+            )
+    grid = np.concatenate(
+        [np.pad(row, ((0, 4), (0, 0), (0, 0)), constant_values=255) for row in images]
+    )
+    from histopilot.slide.render import save_png
+
+    return save_png(grid, path)
+
+
+def _checkpoint(folder, step, model, ema, optimizer, generator, losses, train: TrainSpec) -> None:
+    with atomic_directory(folder / f"step-{step:07d}") as building:
+        model.unet.save_pretrained(building / "unet")
+        torch.save(
+            {
+                "ema": ema.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "generator": generator.get_state(),
+                "torch": torch.get_rng_state(),
+            },
+            building / "state.pt",
+        )
+        (building / "progress.json").write_text(json.dumps({"step": step, "losses": losses}))
+    for old in sorted(folder.glob("step-*"))[: -train.keep_checkpoints]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _resume(folder, model, ema, optimizer, generator, losses) -> int:
+    """Load the newest checkpoint (checkpoints are written whole or not at all)."""
+    found = sorted(folder.glob("step-*"))
+    if not found:
+        return 0
+    latest = found[-1]
+    trained = UNet2DModel.from_pretrained(latest / "unet")
+    model.unet.load_state_dict(trained.state_dict())
+    state = torch.load(latest / "state.pt", weights_only=False)
+    ema.load_state_dict(state["ema"])
+    optimizer.load_state_dict(state["optimizer"])
+    generator.set_state(state["generator"])
+    torch.set_rng_state(state["torch"])
+    progress = json.loads((latest / "progress.json").read_text())
+    losses.extend(progress["losses"])
+    return int(progress["step"])
+
+
+def _classifiers(recipe, tiles, labels) -> tuple[Path | None, Path | None]:
+    spec = recipe.classifier
+    if not (spec.train and labels):
+        return None, None
+    seed, steps = recipe.train.seed, spec.steps
+    first = train_classifier(tiles, labels, steps=steps, width=spec.width, seed=seed)
+    path = first.save(recipe.out / "classifier")
+    if not spec.oracle:
+        return path, None
+    # Independent in initialisation, sampling order and capacity, so agreement means something.
+    second = train_classifier(tiles, labels, steps=steps, width=spec.width * 2, seed=seed + 1)
+    return path, second.save(recipe.out / "oracle")
+
+
+def _run_card(recipe, tiles, labels, losses, seconds, model) -> Path:
+    digest = hashlib.sha256(tiles.tobytes())
+    digest.update(json.dumps(labels).encode())
+    tenth = max(1, len(losses) // 10)
+    card = {
+        "recipe": json.loads(recipe.model_dump_json()),
+        "data": {"tiles": len(tiles), "sha256": digest.hexdigest(), "conditions": model.conditions},
+        "parameters": sum(p.numel() for p in model.unet.parameters()),
+        "metrics": {
+            "steps": len(losses),
+            "loss_first_tenth": float(np.mean(losses[:tenth])) if losses else None,
+            "loss_last_tenth": float(np.mean(losses[-tenth:])) if losses else None,
+        },
+        "seconds": round(seconds, 1),
+        "versions": _versions(),
+    }
+    path = recipe.out / "run.json"
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(card, indent=2) + "\n")
+    return path
+
+
+def _versions() -> dict[str, str]:
+    import diffusers
+
+    return {
+        "histopilot": __version__,
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "python": platform.python_version(),
+    }
