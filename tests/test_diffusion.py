@@ -278,41 +278,14 @@ def test_cli_trains_edits_and_reports(trained, tmp_path, test_data):
     assert made.exit_code == 0, made.output
     rows = json.loads((tmp_path / "cf" / "counterfactuals.json").read_text())
     assert [row["target"] for row in rows] == ["TUM", "TUM"]
-    moved = runner.invoke(
-        app,
-        [
-            "diffusion",
-            "transfer",
-            picks[0],
-            "--model",
-            str(run.model),
-            "--source",
-            "NORM",
-            "--target",
-            "NORM",
-            "--out",
-            str(tmp_path / "tr"),
-            "--steps",
-            "10",
-            "--json",
-        ],
-    )
+
+    def transfer(target: str, out: str, *extra: str):
+        model = ["--model", str(run.model), "--source", "NORM", "--target", target]
+        arguments = ["diffusion", "transfer", picks[0], *model, "--out", str(tmp_path / out)]
+        return runner.invoke(app, [*arguments, *extra])
+
+    moved = transfer("NORM", "moved", "--steps", "10", "--json")
     assert moved.exit_code == 0, moved.output
     assert json.loads(moved.stdout)["tiles"][0]["hematoxylin_ssim"] > 0.5
-    wrong = runner.invoke(
-        app,
-        [
-            "diffusion",
-            "transfer",
-            picks[0],
-            "--model",
-            str(run.model),
-            "--source",
-            "NORM",
-            "--target",
-            "stain-B",
-            "--out",
-            str(tmp_path / "bad"),
-        ],
-    )
+    wrong = transfer("stain-B", "wrong")
     assert wrong.exit_code == 2 and "unknown condition" in wrong.output
