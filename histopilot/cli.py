@@ -23,7 +23,7 @@ from rich.table import Table
 
 from histopilot import __version__
 from histopilot.config import ROLE_NAMES, HistopilotConfig, available_profiles, load_config
-from histopilot.errors import HistopilotError, OutputError
+from histopilot.errors import HistopilotError, ImageInputError, OutputError
 from histopilot.serve.vllm_launch import LaunchPlan, VLLMServer, plan_servers, run_servers
 from histopilot.slide import Slide, SlideInfo, detect_tissue, open_slide
 from histopilot.slide.demo import build_demo_slide
@@ -1030,7 +1030,12 @@ def stain_normalize(
     """Normalize tiles toward a target; tiles that cannot be normalized are copied, flagged."""
     from histopilot.tools.images import list_images, read_rgb
     from histopilot.tools.stain import StainNormalizer
-    from histopilot.tools.stain.files import SlideTiling, iter_inputs, process_files
+    from histopilot.tools.stain.files import (
+        SlideTiling,
+        iter_inputs,
+        process_files,
+        write_manifest,
+    )
 
     if len(target) == 1 and target[0].suffix.lower() == ".json":
         normalizer = StainNormalizer.load(target[0], device=device)
@@ -1044,13 +1049,14 @@ def stain_normalize(
     tiles = iter_inputs(inputs, SlideTiling(tile_size, tile_mpp, max_tiles=max_tiles))
     with _progress() as progress:
         task = progress.add_task("normalize", total=None)
-        flags = process_files(
+        rows = process_files(
             tiles,
             normalizer.transform,
             out,
             batch_size=batch_size,
             on_tile=lambda: progress.advance(task),
         )
+    flags = write_manifest(out, rows)
     normalizer.save(out / "target.json")
     _report_stain(flags, out, as_json, f"{normalizer.method}-normalized")
 
@@ -1076,15 +1082,21 @@ def stain_augment(
 ) -> None:
     """Write randomly re-stained copies of tiles, for training."""
     from histopilot.tools.stain import Jitter
-    from histopilot.tools.stain.files import SlideTiling, augment_with, iter_inputs, process_files
+    from histopilot.tools.stain.files import (
+        SlideTiling,
+        augment_with,
+        iter_inputs,
+        process_files,
+        write_manifest,
+    )
 
     jitter = Jitter(scale=scale, shift=shift)
     tiling = SlideTiling(tile_size, tile_mpp, max_tiles=max_tiles)
-    flags: dict[str, int] = {}
+    rows = []
     with _progress() as progress:
         task = progress.add_task("augment", total=None)
         for copy in range(copies):
-            counted = process_files(
+            rows += process_files(
                 iter_inputs(inputs, tiling),
                 augment_with(method, jitter, seed=seed, copy=copy, device=device),
                 out,
@@ -1092,8 +1104,7 @@ def stain_augment(
                 suffix=f"_aug{copy}",
                 on_tile=lambda: progress.advance(task),
             )
-            for flag, count in counted.items():
-                flags[flag] = flags.get(flag, 0) + count
+    flags = write_manifest(out, rows)
     _report_stain(flags, out, as_json, f"{method}-augmented")
 
 
@@ -1213,6 +1224,12 @@ def diffusion_counterfactual(
     steps: Steps = 50,
     strength: Annotated[float, typer.Option("--strength", help="Inversion depth, 0–1.")] = 0.6,
     scale: Annotated[float, typer.Option("--scale", help="Classifier guidance scale.")] = 8.0,
+    source_condition: Annotated[
+        str | None,
+        typer.Option(
+            "--source-condition", help="The tiles' condition (default: the predicted class)."
+        ),
+    ] = None,
     as_json: AsJson = False,
 ) -> None:
     """Counterfactual tiles toward a class, with heatmaps and before/after probabilities."""
@@ -1225,7 +1242,13 @@ def diffusion_counterfactual(
     rows = []
     for tile, resized in _model_tiles(inputs, diffusion.image_size):
         (result,) = counterfactuals(
-            diffusion, explained, resized[None], target, guide=guide, oracle=checker
+            diffusion,
+            explained,
+            resized[None],
+            target,
+            guide=guide,
+            oracle=checker,
+            source_condition=source_condition,
         )
         image = save_png(result.image, out / f"{tile.name}.png")
         panel = save_png(result.panel(), out / f"{tile.name}-compare.png")
@@ -1248,6 +1271,8 @@ def _model_tiles(inputs: list[Path], size: int):
     from histopilot.tools.stain.files import SlideTiling, iter_inputs
 
     for tile in iter_inputs(inputs, SlideTiling()):
+        if tile.image is None:
+            raise ImageInputError(f"{tile.source}: {tile.problem}")
         yield tile, cv2.resize(tile.image, (size, size), interpolation=cv2.INTER_AREA)
 
 

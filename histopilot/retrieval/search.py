@@ -86,7 +86,7 @@ class SlideHit(BaseModel):
 
 def load_query_image(path: str | Path) -> np.ndarray:
     """An image file as RGB uint8, refused when it is too large to be a query."""
-    return read_rgb(path, max_pixels=MAX_QUERY_PIXELS, too_large_hint=QUERY_HINT)
+    return read_rgb(path, max_pixels=MAX_QUERY_PIXELS, too_large_hint=QUERY_HINT, grayscale=True)
 
 
 def region_tiles(

@@ -58,11 +58,18 @@ class ImageSource(BaseModel):
             )
 
     def stem(self) -> str:
-        """A file-name stem unique to this source."""
+        """A file-name stem unique to this request (source, box and options)."""
         key = self.model_dump_json()
-        name = Path(self.image_path or self.slide_path).stem
-        safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in name)[:40] or "image"
-        return f"{safe}-{hashlib.sha1(key.encode()).hexdigest()[:8]}"
+        return f"{safe_name(Path(self.image_path or self.slide_path).stem)}-{_digest(key)}"
+
+
+def safe_name(text: str) -> str:
+    """``text`` reduced to letters, digits, '-' and '_', for use in a file name."""
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in text)[:40] or "image"
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha1(text.encode()).hexdigest()[:8]
 
 
 class NormalizeStainInput(ImageSource):
@@ -143,7 +150,7 @@ def _counterfactual_tool(model_path: str, classifier_path: str, oracle_path, out
         (result,) = counterfactuals(
             model, classifier, tile[None], request.target_class, oracle=oracle
         )
-        stem = outputs / f"{request.stem()}-to-{request.target_class}"
+        stem = outputs / request.stem()  # the stem covers the target class too
         image = save_png(result.image, stem.with_name(stem.name + ".png"))
         panel = save_png(_enlarged(result.panel()), stem.with_name(stem.name + "-compare.png"))
         return CounterfactualResult(

@@ -27,10 +27,12 @@ def read_rgb(
     *,
     max_pixels: int = MAX_PIXELS,
     too_large_hint: str = "for slide regions, open the slide and read tiles instead",
+    grayscale: bool = False,
 ) -> np.ndarray:
     """The image at ``path`` as uint8 RGB (H, W, 3), converted by the module's rules.
 
-    The size is checked from the header, before any pixel is decoded.
+    The size is checked from the header, before any pixel is decoded. ``grayscale=True``
+    accepts gray images as RGB (for encoders; stain tools refuse them).
     """
     path = Path(path)
     if not path.is_file():
@@ -38,6 +40,8 @@ def read_rgb(
     try:
         with Image.open(path) as header:
             width, height = header.size
+    except Image.DecompressionBombError as error:
+        raise ImageInputError(f"{path}: too large to decode safely; {too_large_hint}") from error
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         raise ImageInputError(
             f"{path}: not an image that can be read (PNG, JPEG, TIFF…): {error}"
@@ -52,6 +56,9 @@ def read_rgb(
     if pixels.ndim == 3 and pixels.shape[2] >= 3:
         order = cv2.COLOR_BGRA2RGBA if pixels.shape[2] == 4 else cv2.COLOR_BGR2RGB
         pixels = cv2.cvtColor(pixels, order)
+    elif grayscale:
+        gray = pixels if pixels.ndim == 2 else pixels[..., 0]
+        pixels = np.repeat(gray[..., None], 3, axis=2)
     return as_rgb8(pixels, name=str(path))
 
 

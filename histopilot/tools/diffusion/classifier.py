@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from pydantic import BaseModel, Field
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -75,7 +76,7 @@ class TileClassifier(nn.Module):
             card = ClassifierCard.model_validate(json.loads((folder / CONFIG_FILE).read_text()))
             model = cls(card.classes, width=card.width, image_size=card.image_size)
             model.load_state_dict(load_file(folder / WEIGHTS_FILE))
-        except (OSError, ValueError, RuntimeError) as error:
+        except (OSError, ValueError, RuntimeError, SafetensorError) as error:
             raise DiffusionError(f"{folder}: not a saved tile classifier ({error})") from error
         return model.to(device).eval()
 
@@ -111,9 +112,10 @@ def train_classifier(
     classes = classes or sorted(set(labels))
     if len(classes) < 2:
         raise DiffusionError("a classifier needs at least two classes")
-    torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
-    model = TileClassifier(classes, width=width, image_size=images.shape[1]).to(device)
+    with torch.random.fork_rng(devices=[]):  # seed the initial weights, leave the caller's RNG
+        torch.manual_seed(seed)
+        model = TileClassifier(classes, width=width, image_size=images.shape[1]).to(device)
     pixels = as_model_input(images, device)
     targets = torch.tensor([classes.index(label) for label in labels], device=device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=1e-4)

@@ -30,9 +30,14 @@ def ssim(first: np.ndarray, second: np.ndarray) -> list[float]:
 
 
 def hematoxylin_ssim(first: np.ndarray, second: np.ndarray) -> list[float]:
-    """SSIM of the hematoxylin channel: whether nuclei stayed where they were."""
+    """SSIM of the hematoxylin channel: whether nuclei stayed where they were.
+
+    Each pair is scaled by its own largest amount, so a tile's score does not depend on the
+    other tiles in the batch.
+    """
     amounts = [separate_stains(images)[..., :1].permute(0, 3, 1, 2) for images in (first, second)]
-    top = max(float(amounts[0].max()), float(amounts[1].max()), 1e-6)
+    top = torch.maximum(amounts[0].amax((1, 2, 3)), amounts[1].amax((1, 2, 3))).clamp_min(1e-6)
+    top = top[:, None, None, None]
     kernel = min(11, first.shape[1] // 2 * 2 - 1)
     values = structural_similarity_index_measure(
         amounts[0] / top, amounts[1] / top, data_range=1.0, kernel_size=kernel, reduction="none"

@@ -156,7 +156,8 @@ def counterfactuals(
     """Counterfactuals of uint8 tiles (B, H, W, 3) toward class ``target``.
 
     The inversion runs under ``source_condition`` or, by default, the class the classifier
-    predicts for each tile.
+    predicts for each tile (which must then be one of the model's conditions; give
+    ``source_condition`` for a model conditioned on something else, such as stain domains).
     """
     guide = guide or Guide()
     for judge in (classifier, oracle):
@@ -169,10 +170,10 @@ def counterfactuals(
     before = classifier.probabilities(pixels)
     predicted = [classifier.classes[index] for index in before.argmax(-1).tolist()]
     sources = [source_condition] * len(images) if source_condition else predicted
-    start_labels = _labels(model, sources, "source")
+    start_labels = model.condition_ids(sources, len(sources)) if model.conditions else None
     # Regenerate under the target class when the model knows it; guidance does the rest.
     ends = [target] * len(images) if target in model.conditions else sources
-    end_labels = _labels(model, ends, "target")
+    end_labels = model.condition_ids(ends, len(ends)) if model.conditions else None
     schedule = timesteps(model, guide.steps, guide.strength)
     noise = invert(model, source, start_labels, schedule)
     wanted = classifier.classes.index(target)
@@ -213,19 +214,6 @@ def counterfactuals(
         )
         for index in range(len(images))
     ]
-
-
-def _labels(model: TileDiffusion, names: list[str], what: str) -> torch.Tensor | None:
-    """Condition ids for a conditional model (every name must be one of its conditions)."""
-    if not model.conditions:
-        return None
-    unknown = sorted(set(names) - set(model.conditions))
-    if unknown:
-        raise DiffusionError(
-            f"the diffusion model has no condition {', '.join(unknown)} for the {what}; "
-            f"give source_condition, one of {', '.join(model.conditions)}"
-        )
-    return model.condition_ids(names, len(names))
 
 
 def _oracle(oracle, pixels, decoded):

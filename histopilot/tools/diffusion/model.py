@@ -84,6 +84,10 @@ class TileDiffusion:
     def encode(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
         """uint8 RGB (B, H, W, 3) at the model's size → the space the UNet denoises."""
         tensor = torch.as_tensor(images).to(self.device)
+        if tensor.dtype != torch.uint8 or tensor.ndim != 4 or tensor.shape[-1] != 3:
+            raise DiffusionError(
+                f"expected uint8 RGB tiles (B, H, W, 3), got {tensor.dtype} {tuple(tensor.shape)}"
+            )
         if tensor.shape[1:3] != (self.image_size, self.image_size):
             raise DiffusionError(
                 f"images are {tensor.shape[2]}×{tensor.shape[1]} px; this model works on "
@@ -127,6 +131,11 @@ class TileDiffusion:
                 vae = AutoencoderKL.from_pretrained(folder / "vae") if card.latent else None
             except (OSError, ValueError, json.JSONDecodeError) as error:
                 raise DiffusionError(f"{folder}: incomplete or damaged model ({error})") from error
+            if len(card.conditions) != (unet.config.num_class_embeds or 0):
+                raise DiffusionError(
+                    f"{folder}: {MODEL_FILE} names {len(card.conditions)} conditions, the UNet "
+                    f"has {unet.config.num_class_embeds or 0} class embeddings"
+                )
             return cls(unet, scheduler, card.conditions, card.image_size, vae).to(device)
         return _foreign_pipeline(str(source)).to(device)
 

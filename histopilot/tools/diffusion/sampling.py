@@ -25,6 +25,11 @@ def timesteps(model: TileDiffusion, steps: int, strength: float = 1.0) -> list[i
         raise DiffusionError("give at least one sampling step")
     if not 0 < strength <= 1:
         raise DiffusionError(f"strength must lie in (0, 1], got {strength}")
+    if steps > model.scheduler.config.num_train_timesteps:
+        raise DiffusionError(
+            f"{steps} steps is more than the model's "
+            f"{model.scheduler.config.num_train_timesteps} training timesteps"
+        )
     model.scheduler.set_timesteps(steps)
     schedule = [int(t) for t in model.scheduler.timesteps]
     return schedule[len(schedule) - max(1, round(steps * strength)) :]

@@ -90,15 +90,13 @@ def augment_stains(
     # od' = od + (C·(factor − 1) + offset·fade) Sᵀ with C = od·unmix: linear plus a faded shift.
     linear = torch.eye(3, device=device) + (unmix * (factors - 1).unsqueeze(1)) @ stains.mT
     shift = (offsets.unsqueeze(1) @ stains.mT).squeeze(1)
-    glass = percentile(
-        optical_density(estimation_sample(pixels), light=255.0).sum(-1), _GLASS_PERCENT
-    )
+    glass = percentile(optical_density(estimation_sample(pixels)).sum(-1), _GLASS_PERCENT)
 
-    def restain(chunk: torch.Tensor, part: slice) -> torch.Tensor:
-        od = optical_density(chunk, light=255.0)
-        fade = ((od.sum(-1, keepdim=True) - glass[part, None, None]) / _GLASS_FADE).clamp(0, 1)
-        moved = od @ linear[part] + fade * shift[part].unsqueeze(1)
-        return from_optical_density(moved, light=255.0)
+    def restain(chunk: torch.Tensor, images: slice) -> torch.Tensor:
+        od = optical_density(chunk)
+        fade = ((od.sum(-1, keepdim=True) - glass[images, None, None]) / _GLASS_FADE).clamp(0, 1)
+        moved = od @ linear[images] + fade * shift[images].unsqueeze(1)
+        return from_optical_density(moved)
 
     output = map_pixels(pixels, restain)
     keep = [index for index, flag in enumerate(flags) if flag != "augmented"]

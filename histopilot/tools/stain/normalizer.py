@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,14 @@ from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from histopilot.errors import StainError
 from histopilot.storage import atomic_file
@@ -80,6 +88,25 @@ class StainTarget(BaseModel):
             raise ValueError("stain_matrix must be 3 rows of 2 values")
         return value
 
+    @model_validator(mode="after")
+    def _finite_and_sized(self) -> StainTarget:
+        sizes = {"max_concentrations": 2, "lab_mean": 3, "lab_std": 3}
+        for name, size in sizes.items():
+            value = getattr(self, name)
+            if value is not None and len(value) != size:
+                raise ValueError(f"{name} must hold {size} values")
+        numbers = [
+            *(v for row in self.stain_matrix or [] for v in row),
+            *(self.max_concentrations or []),
+            *(self.lab_mean or []),
+            *(self.lab_std or []),
+        ]
+        if not all(math.isfinite(v) for v in numbers):
+            raise ValueError("every value must be a finite number")
+        if any(v <= 0 for v in [*(self.max_concentrations or []), *(self.lab_std or [])]):
+            raise ValueError("concentrations and standard deviations must be positive")
+        return self
+
     def model_post_init(self, _context) -> None:
         needs = (
             ("lab_mean", "lab_std")
@@ -103,6 +130,8 @@ class StainTarget(BaseModel):
             return cls.model_validate(json.loads(path.read_text()))
         except FileNotFoundError as error:
             raise StainError(f"{path}: no such stain target file") from error
+        except OSError as error:
+            raise StainError(f"{path}: cannot read the stain target ({error})") from error
         except (json.JSONDecodeError, UnicodeDecodeError, ValidationError) as error:
             raise StainError(
                 f"{path}: not a histopilot stain target ({error}); "
@@ -116,10 +145,6 @@ class StainBatch:
 
     images: np.ndarray | torch.Tensor
     flags: list[Flag]
-
-    @property
-    def changed(self) -> list[bool]:
-        return [flag in ("normalized", "augmented") for flag in self.flags]
 
 
 @dataclass(frozen=True)
@@ -248,15 +273,18 @@ class StainNormalizer:
     def transform(self, images: np.ndarray | torch.Tensor) -> StainBatch:
         """Normalize uint8 RGB (B, H, W, 3); flagged images come back unchanged.
 
-        The stain estimate of each image uses a fixed random sample of its pixels (at most
-        :data:`ESTIMATE_PIXELS`), then the mapping is applied to every pixel. The sample costs
-        a little agreement with an all-pixel estimate on sparse tissue, where the 1 % angle
-        tails rest on few pixels (see docs/stain-and-diffusion.md for the measured figures).
+        The stain estimate of each image uses a fixed random sample of its pixels (at least
+        :data:`ESTIMATE_PIXELS`, or one in :data:`SAMPLE_SHARE` on large tiles), then the
+        mapping is applied to every pixel. The sample costs a little agreement with an
+        all-pixel estimate on sparse tissue, where the 1 % angle tails rest on few pixels (see
+        docs/stain-and-diffusion.md). Tensors come back on the normalizer's device.
         """
         if images.ndim != 4 or images.shape[-1] != 3:
             raise StainError(
                 f"expected a batch of RGB images (B, H, W, 3), got {tuple(images.shape)}"
             )
+        if 0 in images.shape:
+            raise StainError(f"empty batch or empty images: shape {tuple(images.shape)}")
         if images.dtype not in (np.uint8, torch.uint8):
             raise StainError(
                 f"expected uint8 RGB, got {images.dtype}; "

@@ -44,7 +44,7 @@ def from_optical_density(od: torch.Tensor, light: float = LIGHT) -> torch.Tensor
 
 
 def tissue_pixels(od: torch.Tensor, threshold: float = TISSUE_OD) -> torch.Tensor:
-    """True where every channel absorbs: stained tissue, not glass or saturated ink."""
+    """True where every channel absorbs: stained tissue, not glass or pale, one-colour ink."""
     return (od >= threshold).all(dim=-1)
 
 
