@@ -16,7 +16,8 @@ import platform
 import re
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
 
@@ -30,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from histopilot import __version__
 from histopilot.errors import ConfigError, DiffusionError
+from histopilot.slide.render import save_png
 from histopilot.storage import atomic_directory, atomic_file
 from histopilot.tools.diffusion.classifier import random_dihedral, train_classifier
 from histopilot.tools.diffusion.model import TileDiffusion, to_uint8
@@ -258,7 +260,8 @@ def train_diffusion(
     ema = EMAModel(model.unet.parameters(), decay=train.ema_decay)
     losses: list[float] = []
     checkpoints = recipe.out / "checkpoints"
-    fingerprint = _fingerprint(recipe, tiles, labels)
+    data_sha = _data_digest(tiles, labels).hexdigest()
+    fingerprint = _fingerprint(recipe, data_sha)
     step = (
         _resume(checkpoints, fingerprint, model, ema, optimizer, generator, losses) if resume else 0
     )
@@ -296,24 +299,22 @@ def train_diffusion(
     with _ema_weights(ema, model):
         saved = model.save_pretrained(recipe.out / "model")
     classifier, oracle = _classifiers(recipe, tiles, labels)
-    card = _run_card(recipe, tiles, labels, losses, time.perf_counter() - started, model)
+    card = _run_card(recipe, len(tiles), data_sha, losses, time.perf_counter() - started, model)
     return TrainingResult(
         model=saved, classifier=classifier, oracle=oracle, run_card=card, steps=step, losses=losses
     )
 
 
-class _ema_weights:  # noqa: N801 - used as a context manager, like contextlib helpers
-    """Swap the EMA weights into the UNet for the duration of the block."""
-
-    def __init__(self, ema: EMAModel, model: TileDiffusion) -> None:
-        self.ema, self.parameters = ema, list(model.unet.parameters())
-
-    def __enter__(self) -> None:
-        self.ema.store(self.parameters)
-        self.ema.copy_to(self.parameters)
-
-    def __exit__(self, *_) -> None:
-        self.ema.restore(self.parameters)
+@contextmanager
+def _ema_weights(ema: EMAModel, model: TileDiffusion) -> Iterator[None]:
+    """The EMA weights in the UNet for the duration of the block, the trained ones after."""
+    parameters = list(model.unet.parameters())
+    ema.store(parameters)
+    ema.copy_to(parameters)
+    try:
+        yield
+    finally:
+        ema.restore(parameters)
 
 
 def save_sample_grid(model: TileDiffusion, path: Path, train: TrainSpec, per_row: int = 4) -> Path:
@@ -333,14 +334,12 @@ def save_sample_grid(model: TileDiffusion, path: Path, train: TrainSpec, per_row
     grid = np.concatenate(
         [np.pad(row, ((0, 4), (0, 0), (0, 0)), constant_values=255) for row in images]
     )
-    from histopilot.slide.render import save_png
-
     return save_png(grid, path)
 
 
-def _fingerprint(recipe: DiffusionRecipe, tiles: np.ndarray, labels) -> str:
+def _fingerprint(recipe: DiffusionRecipe, data_sha: str) -> str:
     """What a checkpoint must match to be resumed: the data and everything but the schedule."""
-    digest = _data_digest(tiles, labels)
+    digest = hashlib.sha256(data_sha.encode())
     digest.update(
         recipe.model_dump_json(include={"image_size", "model", "pretrained", "vae"}).encode()
     )
@@ -412,12 +411,11 @@ def _classifiers(recipe, tiles, labels) -> tuple[Path | None, Path | None]:
     return path, second.save(recipe.out / "oracle")
 
 
-def _run_card(recipe, tiles, labels, losses, seconds, model) -> Path:
-    digest = _data_digest(tiles, labels)
+def _run_card(recipe, tiles: int, data_sha: str, losses, seconds, model) -> Path:
     tenth = max(1, len(losses) // 10)
     card = {
         "recipe": json.loads(recipe.model_dump_json()),
-        "data": {"tiles": len(tiles), "sha256": digest.hexdigest(), "conditions": model.conditions},
+        "data": {"tiles": tiles, "sha256": data_sha, "conditions": model.conditions},
         "parameters": sum(p.numel() for p in model.unet.parameters()),
         "metrics": {
             "steps": len(losses),

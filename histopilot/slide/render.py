@@ -15,6 +15,7 @@ from PIL import Image
 
 from histopilot.errors import OutputError
 from histopilot.slide.tissue import TissueMask
+from histopilot.storage import atomic_file
 
 #: Outline and region colours (RGB): tissue in green, regions in a colour-blind-safe blue.
 TISSUE_COLOUR = (0, 170, 60)
@@ -102,13 +103,13 @@ def overlay_heatmap(
 
 
 def save_png(image: np.ndarray, path: str | Path) -> Path:
-    """Write an RGB (or boolean mask) array as PNG, creating the folder."""
+    """Write an RGB (or boolean mask) array as PNG, creating the folder; all or nothing."""
     path = Path(path)
     if image.dtype == bool:
         image = image.astype(np.uint8) * 255
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(image).save(path, format="PNG")
-    except (OSError, ValueError) as error:
-        raise OutputError(f"cannot write {path}: {error}") from error
+    with atomic_file(path) as tmp:
+        try:
+            Image.fromarray(image).save(tmp, format="PNG")
+        except ValueError as error:
+            raise OutputError(f"cannot write {path}: {error}") from error
     return path

@@ -90,6 +90,7 @@ class Counterfactual:
 
     source: np.ndarray
     image: np.ndarray
+    heatmap: np.ndarray = field(repr=False)
     target: str
     before: dict[str, float]
     after: dict[str, float]
@@ -98,7 +99,6 @@ class Counterfactual:
     lpips: float | None
     oracle_before: dict[str, float] | None = None
     oracle_after: dict[str, float] | None = None
-    heatmap: np.ndarray = field(repr=False, default=None)
 
     @property
     def flipped(self) -> bool:

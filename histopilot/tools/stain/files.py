@@ -17,6 +17,7 @@ from PIL import Image
 
 from histopilot.errors import ImageInputError
 from histopilot.slide import open_slide
+from histopilot.slide.render import save_png
 from histopilot.slide.tiling import iter_tiles, tile_grid
 from histopilot.storage import atomic_file
 from histopilot.tools.images import IMAGE_SUFFIXES, MAX_PIXELS, list_images, read_rgb
@@ -132,8 +133,7 @@ def process_files(
         result = transform(np.stack([tile.image for tile in group]))
         for tile, image, flag in zip(group, result.images, result.flags, strict=True):
             target = out / f"{tile.name}{suffix}.png"
-            with atomic_file(target) as tmp:
-                Image.fromarray(image).save(tmp, format="PNG")
+            save_png(image, target)
             rows.append((tile.source, target.relative_to(out).as_posix(), flag))
             if on_tile:
                 on_tile()

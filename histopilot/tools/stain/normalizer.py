@@ -89,7 +89,15 @@ class StainTarget(BaseModel):
         return value
 
     @model_validator(mode="after")
-    def _finite_and_sized(self) -> StainTarget:
+    def _complete(self) -> StainTarget:
+        needs = (
+            ("lab_mean", "lab_std")
+            if self.method == "reinhard"
+            else ("stain_matrix", "max_concentrations")
+        )
+        missing = [name for name in needs if getattr(self, name) is None]
+        if missing:
+            raise ValueError(f"a {self.method} target needs {', '.join(missing)}")
         sizes = {"max_concentrations": 2, "lab_mean": 3, "lab_std": 3}
         for name, size in sizes.items():
             value = getattr(self, name)
@@ -106,16 +114,6 @@ class StainTarget(BaseModel):
         if any(v <= 0 for v in [*(self.max_concentrations or []), *(self.lab_std or [])]):
             raise ValueError("concentrations and standard deviations must be positive")
         return self
-
-    def model_post_init(self, _context) -> None:
-        needs = (
-            ("lab_mean", "lab_std")
-            if self.method == "reinhard"
-            else ("stain_matrix", "max_concentrations")
-        )
-        missing = [name for name in needs if getattr(self, name) is None]
-        if missing:
-            raise ValueError(f"a {self.method} target needs {', '.join(missing)}")
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
