@@ -1353,5 +1353,144 @@ def kb_query(
         console.print(escape(hit.passage.text[:300]), highlight=False)
 
 
+# --- extraction ---------------------------------------------------------------------------------
+
+eval_app = typer.Typer(help="Quality evaluations against gold data.")
+app.add_typer(eval_app, name="eval", no_args_is_help=True)
+
+ExtractBackend = Annotated[
+    str,
+    typer.Option(
+        "--backend",
+        help="offline (rules, no model) | openai | transformers (the extractor role's model).",
+    ),
+]
+SchemaOption = Annotated[
+    str, typer.Option("--schema", help="auto, or a schema name: breast, colorectal, lung, …")
+]
+
+
+def _extractor(
+    backend: str, schema: str, config_path: Path | None, profile: str | None, combine: bool
+):
+    """text → (schema, fields, warnings) for the chosen backend."""
+    from histopilot.tools.extract import SCHEMA_CHOICES, extract_fields
+    from histopilot.tools.report.schemas import SCHEMA_ALIASES
+
+    if schema not in SCHEMA_CHOICES and schema not in SCHEMA_ALIASES:
+        raise HistopilotError(
+            f"--schema {schema!r} is not a schema; choose one of "
+            f"{', '.join([*SCHEMA_CHOICES, *SCHEMA_ALIASES])}"
+        )
+    if backend == "offline":
+        return lambda text: extract_fields(text, schema)
+    if backend not in ("openai", "transformers"):
+        raise HistopilotError(f"--backend must be offline, openai or transformers, not {backend!r}")
+    from histopilot.serve.factory import chat_model
+
+    config = load_config(config_path, profile=profile)
+    role = config.roles["extractor"].model_copy(update={"backend": backend})
+    config = config.model_copy(
+        update={"roles": config.roles.model_copy(update={"extractor": role})}
+    )
+    model = chat_model("extractor", config)
+    return lambda text: extract_fields(text, schema, model=model, combined=combine)
+
+
+@app.command("extract")
+@reports_user_errors
+def extract(
+    inputs: Annotated[
+        list[Path], typer.Argument(help="Text files, folders of them, or JSON lines with 'text'.")
+    ],
+    out: Annotated[
+        Path, typer.Option("--out", help="Output .jsonl or .csv (appended, resumable).")
+    ],
+    schema: SchemaOption = "auto",
+    backend: ExtractBackend = "offline",
+    concurrency: Annotated[
+        int, typer.Option("--concurrency", min=1, max=256, help="Parallel model requests.")
+    ] = 8,
+    combine: Annotated[
+        bool,
+        typer.Option("--combine/--model-only", help="Let the rules fill what a model leaves out."),
+    ] = True,
+    config: ConfigPath = None,
+    profile: Profile = None,
+    as_json: AsJson = False,
+) -> None:
+    """Structured fields, each with its text span, from free-text pathology reports."""
+    from histopilot.tools.extract.batch import RecordWriter, iter_reports, run_batch
+
+    extractor = _extractor(backend, schema, config, profile, combine)
+    writer = RecordWriter(out)
+    total = sum(1 for _ in iter_reports(inputs))
+    try:
+        with _progress() as progress:
+            task = progress.add_task("extracting", total=total)
+            written, skipped, failures = run_batch(
+                inputs,
+                extractor,
+                writer,
+                concurrency=concurrency if backend != "offline" else 1,
+                on_done=lambda: progress.advance(task),
+            )
+    finally:
+        writer.close()
+    for failure in failures:
+        stderr.print(f"skipped {escape(failure.id)}: {escape(failure.reason)}")
+    summary = {
+        "written": written,
+        "already_done": skipped,
+        "failed": [f.model_dump() for f in failures],
+        "out": str(out),
+    }
+    _report(
+        summary,
+        as_json,
+        f"{written} record(s) written to {out}"
+        + (f", {skipped} already there" if skipped else "")
+        + (f", {len(failures)} skipped (see above)" if failures else ""),
+    )
+
+
+@eval_app.command("extraction")
+@reports_user_errors
+def eval_extraction(
+    data: Annotated[Path, typer.Option("--data", help="Gold JSON lines: report_id, text, gold.")],
+    backend: ExtractBackend = "offline",
+    schema: SchemaOption = "auto",
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Also write the scores as JSON.")
+    ] = None,
+    config: ConfigPath = None,
+    profile: Profile = None,
+    as_json: AsJson = False,
+) -> None:
+    """Per-field accuracy of an extractor against gold fields (overall and where stated)."""
+    from histopilot.evals.extraction import markdown_table, read_gold, score
+
+    records = read_gold(data)
+    extractor = _extractor(backend, schema, config, profile, combine=True)
+    predictions = {}
+    with _progress() as progress:
+        task = progress.add_task("extracting", total=len(records))
+        for record in records:
+            try:
+                predictions[record.report_id] = extractor(record.text)[1]
+            except HistopilotError as error:
+                stderr.print(f"skipped {escape(record.report_id)}: {escape(str(error))}")
+            progress.advance(task)
+    scores = score(records, predictions)
+    if out is not None:
+        _write_text(out, json.dumps(scores.model_dump(mode="json"), indent=2))
+    if as_json:
+        _print_json(scores)
+        return
+    Console().print(markdown_table(scores), highlight=False, markup=False)
+    for axis, table in scores.confusion.items():
+        Console().print(f"\n{axis} confusion (gold → predicted): {json.dumps(table)}", markup=False)
+
+
 def main() -> None:
     app()

@@ -79,3 +79,11 @@ class StainError(HistopilotError):
 
 class DiffusionError(HistopilotError):
     """A diffusion model, its conditions or a generation request does not fit together."""
+
+
+class SchemaError(HistopilotError):
+    """A report schema, or a value for one of its fields, does not exist or does not fit."""
+
+
+class ReportInputError(HistopilotError):
+    """A report or analysis file cannot be read: missing, malformed, or not the expected kind."""

@@ -23,6 +23,7 @@ AGENTS = {
     "diagnostic agent": "diagnose",
     "report writer": "report",
     "histopilot, a pathology assistant": "chat",
+    "extract structured fields": "extract",
 }
 
 Reply = str | dict | AIMessage | Callable[[list[BaseMessage]], Any]

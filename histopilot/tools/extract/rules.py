@@ -1,0 +1,110 @@
+"""The rule-based extractor: free text in, a filled synoptic schema out, with no model at all.
+
+It detects the organ, picks the schema, runs each field's finder, and, where the report never
+writes pT or pN, derives them from size, extent and node counts by the organ's AJCC rules. It is
+the offline default, and it checks what a model extractor returns (see ``model.py``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import ValidationError
+
+from histopilot.tools.extract import biomarkers, gleason, nodes, staging, tnm, tumour
+from histopilot.tools.extract.sites import detect_organ, schema_for
+from histopilot.tools.extract.text import Mention
+from histopilot.tools.report.schemas import SCHEMAS, Reported, SynopticBase, schema_named
+
+SCHEMA_CHOICES = ("auto", *SCHEMAS)
+
+
+def find_mentions(
+    text: str, schema_name: str, organ: str | None
+) -> dict[str, Mention | staging.Derived]:
+    """Every field a finder can read from ``text``, keyed by schema field name."""
+    found: dict[str, Mention | staging.Derived | None] = {}
+    found["pT"] = tnm.choose(tnm.t_mentions(text))
+    found["pN"] = tnm.choose(tnm.n_mentions(text))
+    found["pM"] = tnm.choose(tnm.m_mentions(text))
+    examined, positive = nodes.node_counts(text)
+    found["lymph_nodes_examined"], found["lymph_nodes_positive"] = examined, positive
+    size = tumour.tumour_size_mm(text)
+    found["tumor_size_mm"] = size
+    kind, code = tumour.histologic_type(text)
+    found["histologic_type"], found["histologic_type_icdo3"] = kind, code
+    found["grade"] = tumour.grade(text, schema_name)
+    found["margin_status"] = tumour.margin_status(text)
+    found["margin_distance_mm"] = tumour.margin_distance_mm(text)
+    found["residual_tumor"] = tumour.residual_tumour(text)
+    for field in ("lymphovascular_invasion", "perineural_invasion"):
+        found[field] = tumour.invasion(text, field)
+    if schema_name.startswith("breast"):
+        for which in ("er", "pr"):
+            result = biomarkers.receptor(text, which)
+            for part, mention in result.items():
+                found[f"{which}_{part}"] = mention
+        her2 = biomarkers.her2(text)
+        found["her2_status"] = her2.get("status")
+        found["her2_ihc_score"] = her2.get("score")
+        found["her2_ish_status"] = her2.get("ish")
+        found["ki67_percent"] = biomarkers.ki67(text)
+    if schema_name.startswith("prostate") or "gleason" in text.lower():
+        for part, mention in gleason.gleason(text).items():
+            found[f"gleason_{part}" if part != "grade_group" else part] = mention
+    if found["pT"] is None or "X" in str(found["pT"].value):
+        found["pT"] = staging.derive_t(organ, text, size) or found["pT"]
+    if found["pN"] is None or "X" in str(found["pN"].value):
+        found["pN"] = staging.derive_n(organ, text, examined, positive) or found["pN"]
+    return {name: mention for name, mention in found.items() if mention is not None}
+
+
+def reported(mention: Mention | staging.Derived) -> dict[str, Any]:
+    """A finder's result as a ``Reported`` payload."""
+    if isinstance(mention, staging.Derived):
+        return {"value": mention.value, "span": mention.span, "basis": mention.basis}
+    return {"value": mention.value, "span": mention.span}
+
+
+def extract_with_rules(text: str, schema: str = "auto") -> tuple[SynopticBase, list[str]]:
+    """The filled schema for one report, and warnings about values that did not fit it."""
+    organ = detect_organ(text)
+    name = (
+        schema_for(organ, text)
+        if schema == "auto"
+        else schema_named(schema).model_fields["schema_name"].default
+    )
+    model = SCHEMAS[name]
+    values: dict[str, Any] = {}
+    warnings: list[str] = []
+    for field, mention in find_mentions(text, name, organ).items():
+        if field not in model.model_fields:
+            continue
+        payload = reported(mention)
+        try:
+            model.model_validate({field: payload})
+        except ValidationError as error:
+            warnings.append(
+                f"{field}: {payload['value']!r} does not fit {name} ({error.errors()[0]['msg']})"
+            )
+            continue
+        values[field] = payload
+    return model.model_validate(values), warnings
+
+
+def flat_fields(filled: SynopticBase) -> dict[str, dict[str, Any]]:
+    """``{field: {"value", "span"[, "basis"]}}`` for every field of the schema (``None`` values
+    are "not stated"): the shape of an extraction record."""
+    out: dict[str, dict[str, Any]] = {}
+    for name in type(filled).model_fields:
+        if name == "schema_name":
+            continue
+        value: Reported = getattr(filled, name)
+        entry: dict[str, Any] = {
+            "value": value.value,
+            "span": list(value.span) if value.span else None,
+        }
+        if value.basis:
+            entry["basis"] = value.basis
+        out[name] = entry
+    return out

@@ -1,0 +1,1 @@
+"""Synoptic reports: schemas modelled on the CAP protocols, with the evidence for each value."""
