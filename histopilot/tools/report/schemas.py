@@ -25,7 +25,10 @@ AJCC_EDITION = 8
 
 #: pT with its prefixes (c clinical, p pathologic, yp after therapy, rp recurrence) and the
 #: suffix for multiple tumours, e.g. ``pT1c``, ``ypT2``, ``pT3a(m)``, ``pTis``, ``pT1mi``.
-T_CATEGORY = r"(?:c|p|yp|yc|rp|a)?T(?:X|0|is(?:\((?:DCIS|Paget)\))?|1mi|[1-4](?:[a-e][1-3]?)?)(?:\((?:m|\d+)\))?"
+T_CATEGORY = (
+    r"(?:c|p|yp|yc|rp|a)?T"
+    r"(?:X|0|is(?:\((?:DCIS|Paget)\))?|1mi|[1-4](?:[a-e][1-3]?)?)(?:\((?:m|\d+)\))?"
+)
 N_CATEGORY = r"(?:c|p|yp|yc|rp)?N(?:X|0(?:\((?:i[+-]|mol[+-])\))?|1mi|[1-3][a-c]?)(?:\((?:sn|f)\))?"
 M_CATEGORY = r"(?:c|p|yp)?M(?:X|0|1[a-d]?)(?:\([01]\))?"
 
@@ -103,9 +106,10 @@ class SynopticBase(BaseModel):
     grade: Reported[str] = _field("Histologic grade in the site's system, e.g. 'G2'")
     tumor_size_mm: Reported[Millimetres] = _field("Greatest dimension of the tumour, in mm")
     tumor_focality: Reported[Focality] = _field("One tumour or several")
-    pT: Reported[TCategory] = _field("AJCC 8th pathologic T category with prefix, e.g. 'pT2a'")
-    pN: Reported[NCategory] = _field("AJCC 8th pathologic N category with prefix, e.g. 'pN1a'")
-    pM: Reported[MCategory] = _field("AJCC 8th M category; pathologic M is only ever pM1")
+    # pT/pN/pM: the names AJCC and every registry use, so they keep their case.
+    pT: Reported[TCategory] = _field("AJCC 8th T with prefix, e.g. 'pT2a'")  # noqa: N815
+    pN: Reported[NCategory] = _field("AJCC 8th N with prefix, e.g. 'pN1a'")  # noqa: N815
+    pM: Reported[MCategory] = _field("AJCC 8th M; pathologic M is only pM1")  # noqa: N815
     stage_group: Reported[str] = _field("AJCC prognostic stage group, e.g. 'IIA'")
     margin_status: Reported[MarginStatus] = _field(
         "Invasive tumour at a margin (positive), within the site's close distance, or clear"
@@ -259,7 +263,11 @@ SCHEMAS: dict[str, type[SynopticBase]] = {
 """Every schema by name."""
 
 #: Short names users type; ``breast`` means invasive carcinoma, ``prostate`` a resection.
-SCHEMA_ALIASES = {"breast": "breast_invasive", "prostate": "prostate_resection", "colon": "colorectal"}
+SCHEMA_ALIASES = {
+    "breast": "breast_invasive",
+    "prostate": "prostate_resection",
+    "colon": "colorectal",
+}
 
 FIELDS: tuple[str, ...] = tuple(
     dict.fromkeys(
@@ -281,7 +289,7 @@ def schema_named(name: str) -> type[SynopticBase]:
 
 
 def category_group(category: str | None) -> str | None:
-    """``'pT1c'`` → ``'T1'``, ``'ypN2a'`` → ``'N2'``, ``'pTis'`` → ``'Tis'``: the coarse category."""
+    """The coarse category: 'pT1c' → 'T1', 'ypN2a' → 'N2', 'pTis' → 'Tis'."""
     if not category:
         return None
     match = re.search(r"([TNM])(X|is|\d)", category)
