@@ -11,6 +11,7 @@ import json
 import os
 import sys
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Annotated, ParamSpec, TypeVar
 
@@ -30,6 +31,8 @@ from histopilot.slide.demo import build_demo_slide
 from histopilot.slide.render import draw_tissue_outline, save_png
 from histopilot.slide.tiling import TileGrid, iter_tiles, tile_grid
 from histopilot.storage import atomic_file
+from histopilot.tools.report.render import ReportFormat
+from histopilot.tools.report.schemas import SCHEMA_ALIASES, SCHEMAS
 
 app = typer.Typer(
     name="histopilot",
@@ -49,6 +52,8 @@ diffusion_app = typer.Typer(help="Diffusion edits of tiles: stain transfer, coun
 app.add_typer(diffusion_app, name="diffusion", no_args_is_help=True)
 finetune_app = typer.Typer(help="Training recipes.")
 app.add_typer(finetune_app, name="finetune", no_args_is_help=True)
+report_app = typer.Typer(help="Synoptic reports: render as Markdown, HTML, JSON or FHIR; schemas.")
+app.add_typer(report_app, name="report", no_args_is_help=True)
 
 stderr = Console(stderr=True)
 P = ParamSpec("P")
@@ -1365,6 +1370,9 @@ ExtractBackend = Annotated[
         help="offline (rules, no model) | openai | transformers (the extractor role's model).",
     ),
 ]
+Concurrency = Annotated[
+    int, typer.Option("--concurrency", min=1, max=256, help="Parallel requests to a model server.")
+]
 SchemaOption = Annotated[
     str, typer.Option("--schema", help="auto, or a schema name: breast, colorectal, lung, …")
 ]
@@ -1408,9 +1416,7 @@ def extract(
     ],
     schema: SchemaOption = "auto",
     backend: ExtractBackend = "offline",
-    concurrency: Annotated[
-        int, typer.Option("--concurrency", min=1, max=256, help="Parallel model requests.")
-    ] = 8,
+    concurrency: Concurrency = 8,
     combine: Annotated[
         bool,
         typer.Option("--combine/--model-only", help="Let the rules fill what a model leaves out."),
@@ -1424,7 +1430,7 @@ def extract(
 
     extractor = _extractor(backend, schema, config, profile, combine)
     writer = RecordWriter(out)
-    total = sum(1 for _ in iter_reports(inputs))
+    total = sum(1 for _ in iter_reports(inputs, skip=out))
     try:
         with _progress() as progress:
             task = progress.add_task("extracting", total=total)
@@ -1452,6 +1458,8 @@ def extract(
         + (f", {skipped} already there" if skipped else "")
         + (f", {len(failures)} skipped (see above)" if failures else ""),
     )
+    if failures and not written and not skipped:
+        raise typer.Exit(1)  # nothing could be extracted: say so to scripts too
 
 
 @eval_app.command("extraction")
@@ -1463,23 +1471,32 @@ def eval_extraction(
     out: Annotated[
         Path | None, typer.Option("--out", help="Also write the scores as JSON.")
     ] = None,
+    concurrency: Concurrency = 8,
     config: ConfigPath = None,
     profile: Profile = None,
     as_json: AsJson = False,
 ) -> None:
     """Per-field accuracy of an extractor against gold fields (overall and where stated)."""
-    from histopilot.evals.extraction import markdown_table, read_gold, score
+    from histopilot.evals.extraction import confusion_table, markdown_table, read_gold, score
 
     records = read_gold(data)
     extractor = _extractor(backend, schema, config, profile, combine=True)
     predictions = {}
-    with _progress() as progress:
+
+    def extracted(record):
+        try:
+            return record, extractor(record.text)[1]
+        except HistopilotError as error:
+            return record, error
+
+    workers = concurrency if backend != "offline" else 1
+    with _progress() as progress, ThreadPoolExecutor(max_workers=workers) as pool:
         task = progress.add_task("extracting", total=len(records))
-        for record in records:
-            try:
-                predictions[record.report_id] = extractor(record.text)[1]
-            except HistopilotError as error:
-                stderr.print(f"skipped {escape(record.report_id)}: {escape(str(error))}")
+        for record, result in pool.map(extracted, records):
+            if isinstance(result, HistopilotError):
+                stderr.print(f"skipped {escape(record.report_id)}: {escape(str(result))}")
+            else:
+                predictions[record.report_id] = result
             progress.advance(task)
     scores = score(records, predictions)
     if out is not None:
@@ -1487,9 +1504,70 @@ def eval_extraction(
     if as_json:
         _print_json(scores)
         return
-    Console().print(markdown_table(scores), highlight=False, markup=False)
-    for axis, table in scores.confusion.items():
-        Console().print(f"\n{axis} confusion (gold → predicted): {json.dumps(table)}", markup=False)
+    typer.echo(markdown_table(scores))
+    for axis in scores.confusion:
+        typer.echo(f"\n{axis} confusion (rows gold, columns predicted):")
+        typer.echo(confusion_table(scores, axis))
+
+
+# -- reports --------------------------------------------------------------------------------
+@report_app.command("render")
+@reports_user_errors
+def report_render(
+    source: Annotated[
+        Path,
+        typer.Argument(
+            help="analysis.json from `analyze`, a synoptic report (JSON) or an extraction record."
+        ),
+    ],
+    fmt: Annotated[
+        ReportFormat,
+        typer.Option("--format", "-f", help="md, html, json, or fhir (a FHIR R4 Bundle)."),
+    ] = ReportFormat.md,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="File to write (default: print to stdout).")
+    ] = None,
+) -> None:
+    """Render the synoptic report of an analysis or an extraction for reading or exchange."""
+    from histopilot.tools.report import load_report, render
+
+    text = render(load_report(source), fmt)
+    if out is None:
+        sys.stdout.write(text)
+        return
+    with atomic_file(out) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    stderr.print(f"{fmt.value} report → {out}", highlight=False)
+
+
+@report_app.command("schema")
+@reports_user_errors
+def report_schema(
+    name: Annotated[
+        str,
+        typer.Argument(help=f"{', '.join(SCHEMAS)}, or {', '.join(SCHEMA_ALIASES)}."),
+    ],
+    as_json: AsJson = False,
+) -> None:
+    """The elements of a synoptic schema: field, label, accepted values, description."""
+    from histopilot.tools.report import describe_schema, schema_named
+    from histopilot.tools.report.document import schema_title
+
+    schema = schema_named(name)
+    if as_json:
+        _print_json(schema.model_json_schema())
+        return
+    key = schema.model_fields["schema_name"].default
+    table = Table(title=f"{key}: {escape(schema_title(schema))}", title_justify="left")
+    table.add_column("field", no_wrap=True)
+    for column in ("label", "values", "description"):
+        table.add_column(column)
+    for element in describe_schema(schema):
+        table.add_row(
+            *(escape(text) for text in (element.name, element.label, element.values)),
+            escape(element.description),
+        )
+    Console().print(table)
 
 
 def main() -> None:

@@ -22,6 +22,7 @@ AGENTS = {
     "description agent": "describe",
     "diagnostic agent": "diagnose",
     "report writer": "report",
+    "synoptic checklist": "synoptic",
     "histopilot, a pathology assistant": "chat",
     "extract structured fields": "extract",
 }

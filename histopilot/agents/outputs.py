@@ -20,6 +20,7 @@ from histopilot.agents.context import SlideWorkspace
 from histopilot.agents.state import ReportDraft
 from histopilot.slide.render import draw_regions, draw_tissue_outline, overlay_heatmap, save_png
 from histopilot.storage import atomic_file
+from histopilot.tools.report.render import markdown_elements
 
 OVERVIEW_SIZE = 1600
 POWER_COLOURS = {"low": [86, 180, 233], "medium": [230, 159, 0], "high": [213, 94, 0]}
@@ -82,6 +83,7 @@ def report_markdown(state: dict[str, Any]) -> str:
         "",
         report.diagnosis,
         "",
+        *([*markdown_elements(report.synoptic), ""] if report.synoptic else []),
         "## Findings",
         "",
     ]

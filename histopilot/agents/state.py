@@ -16,6 +16,8 @@ from langchain_core.messages import AnyMessage
 from langgraph.graph.message import add_messages
 from pydantic import BaseModel, ConfigDict, Field
 
+from histopilot.tools.report.document import Citation, SynopticReport
+
 Magnification = Literal["low", "medium", "high"]
 MAGNIFICATIONS: tuple[Magnification, ...] = ("low", "medium", "high")
 
@@ -159,22 +161,13 @@ class Diagnosis(_Record):
     statement: str
 
 
-class Citation(_Record):
-    region_id: str
-    x: int
-    y: int
-    width: int
-    height: int
-    magnification: Magnification
-
-
 class ReportStatement(_Record):
     text: str
     citations: list[Citation] = Field(default_factory=list)
 
 
 class ReportDraft(_Record):
-    """Until the synoptic schemas exist: a typed draft whose every finding cites regions."""
+    """A typed draft whose every finding cites regions, with its synoptic report."""
 
     title: str
     diagnosis: str
@@ -186,6 +179,9 @@ class ReportDraft(_Record):
     notice: str = HEURISTIC_NOTICE
     status: Literal["draft", "reviewed"] = "draft"
     reviewer_note: str = ""
+    synoptic: SynopticReport | None = Field(
+        None, description="The site's synoptic elements; None in drafts written before them"
+    )
 
 
 def merge_records(left: dict | None, right: dict | None) -> dict:
@@ -262,5 +258,6 @@ STATE_MODELS: tuple[type[BaseModel], ...] = (
     Citation,
     ReportStatement,
     ReportDraft,
+    SynopticReport,
 )
 """The types a checkpoint may rebuild (the serializer's allow-list)."""

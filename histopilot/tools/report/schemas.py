@@ -49,6 +49,7 @@ Focality = Literal["unifocal", "multifocal"]
 Percent = Annotated[float, Field(ge=0, le=100)]
 Millimetres = Annotated[float, Field(ge=0, le=2000)]
 Count = Annotated[int, Field(ge=0, le=500)]
+PerSquareMillimetre = Annotated[float, Field(ge=0, le=1000)]
 
 Span = tuple[Annotated[int, Field(ge=0)], Annotated[int, Field(ge=0)]]
 
@@ -94,7 +95,9 @@ def _field(description: str) -> Any:
 class SynopticBase(BaseModel):
     """Elements every cancer schema asks for. Subclasses add the site's own."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # validate_default: an element left out is built as its own field's type, so a report
+    # holding it serializes without warnings inside a union of schemas.
+    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
 
     procedure: Reported[str] = _field("Surgical procedure, e.g. 'lobectomy', 'core needle biopsy'")
     tumor_site: Reported[str] = _field("Anatomic site of the tumour as written")
@@ -147,6 +150,9 @@ class BreastInvasive(SynopticBase):
     pr_intensity: Reported[StainIntensity] = _field("Average PR staining intensity")
     her2_status: Reported[Her2Status] = _field("Overall HER2 status (IHC, with ISH when done)")
     her2_ihc_score: Reported[Her2Score] = _field("HER2 immunohistochemistry score")
+    her2_ihc_status: Reported[Her2Status] = _field(
+        "HER2 immunohistochemistry category: 0 and 1+ negative, 2+ equivocal, 3+ positive"
+    )
     her2_ish_status: Reported[Literal["amplified", "not amplified", "equivocal"]] = _field(
         "HER2 in situ hybridisation result"
     )
@@ -240,7 +246,7 @@ class Melanoma(SynopticBase):
     breslow_thickness_mm: Reported[Millimetres] = _field("Breslow thickness, in mm")
     clark_level: Reported[Literal["I", "II", "III", "IV", "V"]] = _field("Clark level")
     ulceration: Reported[Presence] = _field("Ulceration of the epidermis over the tumour")
-    mitotic_rate_per_mm2: Reported[Annotated[float, Field(ge=0)]] = _field("Dermal mitoses/mm²")
+    mitotic_rate_per_mm2: Reported[PerSquareMillimetre] = _field("Dermal mitoses/mm²")
     microsatellites: Reported[Presence] = _field("Microsatellite metastases")
     regression: Reported[Presence] = _field("Tumour regression")
 
