@@ -17,7 +17,6 @@ shortfall is the gold's and not the extractor's.
 
 from __future__ import annotations
 
-import json
 import re
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -38,6 +37,10 @@ class GoldRecord(BaseModel):
     text: str
     tcga_project: str | None = None
     gold: dict[str, Any]
+
+
+def _text(value: Any) -> str | None:
+    return None if value is None else str(value)
 
 
 def _lower(value: Any) -> str | None:
@@ -65,16 +68,17 @@ def _grade(value: Any) -> str | None:
     return {"high grade": "high", "low grade": "low"}.get(text, text)
 
 
+def _same_grade(predicted: Any, gold: Any) -> bool:
+    """Equal, or the WHO 1973 → 2004 correspondence when the gold is two-tier (urothelium):
+    G3–G4 are high grade and G1 low grade; G2 straddles both and never matches."""
+    if predicted == gold:
+        return True
+    return {"g1": "low", "g3": "high", "g4": "high"}.get(predicted) == gold
+
+
 def _receptor(value: Any) -> str | None:
     text = _lower(value)
     return "positive" if text == "low positive" else text
-
-
-def _her2_ihc(fields: Fields) -> str | None:
-    score = fields.get("her2_ihc_score", {}).get("value")
-    if score is not None:
-        return {"3+": "positive", "2+": "equivocal"}.get(score, "negative")
-    return _lower(fields.get("her2_status", {}).get("value"))
 
 
 def _ish(value: Any) -> str | None:
@@ -93,18 +97,46 @@ _STATED = {
     "N": rf"(?<![A-Za-z0-9])(?:y?p|c)\s?N\s?{_DIGIT}"
     rf"|(?<![A-Za-z0-9])T{_DIGIT}[a-d]?\s?,?\s?N{_DIGIT}"
     rf"|regional\s+lymph\s+nodes\s*\(p?N\)\s*:\s*p?N\s?{_DIGIT}",
-    "M": r"(?<![A-Za-z0-9])(?:y?p|c)?M\s?[01Oo](?![0-9])[a-d]?",
+    "M": r"(?<![A-Za-z0-9])(?:y?p|c)\s?M\s?[01Oo][a-d]?(?![A-Za-z0-9])"
+    r"|(?<![A-Za-z0-9])N[0-3OX][a-c]?\s?,?\s?M[01O](?![A-Za-z0-9])",
     "nodes": r"(?:lymph\s+nodes?|nodes?)[^.;]{0,60}\d|\d+\s*/\s*\d+"
     r"|\b(?:one|two|three|four|five|six|seven|eight|nine|ten)\b[^.;]{0,30}lymph\s+nodes?",
     "ER": r"(?:\bER\b|estrogen|oestrogen)[^.;]{0,60}(?:positive|negative|%|\+|-)",
     "PR": r"(?:\bPR\b|\bPgR\b|progesterone)[^.;]{0,60}(?:positive|negative|%|\+|-)",
-    "HER2": r"her[\s-]?2[^.;]{0,60}(?:positive|negative|equivocal|[0-3]\s?\+|amplif)",
+    "HER2": r"her[\s-]?2[^.;]{0,60}(?:positive|negative|equivocal|[0-3]\s?\+)",
+    "HER2 score": r"her[\s-]?2[^.;]{0,60}(?:[0-3]\s?\+|score)",
+    "HER2 ISH": r"her[\s-]?2[^;]{0,80}(?:FISH|ISH\b|amplif)|(?:FISH|ISH\b)[^;]{0,80}her[\s-]?2",
     "gleason": r"gleason[^.;]{0,60}\d",
     "margin": r"margins?[^.;]{0,60}(?:negative|positive|free|involved|uninvolved|clear|close)",
     "grade": r"\bgrade\b|differentiated|(?<![A-Za-z0-9])G[1-4](?![0-9])",
     "residual": r"(?<![A-Za-z0-9])R\s?[0-2OX](?![0-9A-Za-z])",
     "histology": r"carcinoma|melanoma|mesothelioma|seminoma|sarcoma|germ\s+cell",
 }
+
+
+#: Every T or N category a text may be writing, broadly: any "T2"/"N1"-like token, prefixed or
+#: not, and OCR's O, I, l for 0 and 1 after a prefix or inside a T N run ("pNO", "T2NO"), never
+#: in a word such as "No". Broad on purpose: a record counts as "gold never written" only when
+#: no token anywhere could be its gold.
+_WRITTEN = {
+    letter: re.compile(
+        rf"(?<![A-Za-z0-9])(?:y?p|c|P)?\s?{letter}\s?([0-4])(?![0-9])"
+        rf"|(?<![A-Za-z0-9])(?:y?p|c|P)\s?{letter}\s?([OIl])[a-d]?(?![a-z])"
+        rf"|(?<=[0-4a-dX])\s?,?\s?{letter}\s?([OIl])[a-d]?(?![a-z])"
+    )
+    for letter in "TN"
+}
+
+
+def _written(letter: str) -> Callable[[str], set[str]]:
+    """The T (or N) groups a text writes anywhere, prefixed or not."""
+    ocr = {"O": "0", "o": "0", "l": "1", "I": "1"}
+    return lambda text: {
+        f"{letter}{ocr.get(digit, digit)}"
+        for groups in _WRITTEN[letter].findall(text)
+        for digit in groups
+        if digit
+    }
 
 
 @dataclass(frozen=True)
@@ -116,20 +148,24 @@ class FieldCheck:
     predicted: Callable[[Fields], Any]
     gold: Callable[[Any], Any]
     stated: str
+    same: Callable[[Any, Any], bool] = lambda predicted, gold: predicted == gold
+    written: Callable[[str], set[str]] | None = None
+    """Every value the text writes for the field, where that can be read simply: a record whose
+    gold is none of them disagrees with its own text."""
 
 
 CHECKS: tuple[FieldCheck, ...] = (
-    FieldCheck("T category", "t_group", _value("pT", _group), str, "T"),
-    FieldCheck("N category", "n_group", _value("pN", _group), str, "N"),
+    FieldCheck("T category", "t_group", _value("pT", _group), str, "T", written=_written("T")),
+    FieldCheck("N category", "n_group", _value("pN", _group), str, "N", written=_written("N")),
     FieldCheck("M category", "m_group", _value("pM", _group), str, "M"),
     FieldCheck(
         "histologic type (ICD-O-3)",
         "icd_o_3_histology",
-        _value("histologic_type_icdo3", str),
+        _value("histologic_type_icdo3", _text),
         str,
         "histology",
     ),
-    FieldCheck("grade", "histologic_grade", _value("grade", _grade), _grade, "grade"),
+    FieldCheck("grade", "histologic_grade", _value("grade", _grade), _grade, "grade", _same_grade),
     FieldCheck("margin status", "margin_status", _value("margin_status", _lower), _lower, "margin"),
     FieldCheck(
         "residual tumour", "residual_tumor", _value("residual_tumor", _lower), _lower, "residual"
@@ -150,12 +186,14 @@ CHECKS: tuple[FieldCheck, ...] = (
     ),
     FieldCheck("ER status", "er_status", _value("er_status", _receptor), _lower, "ER"),
     FieldCheck("PR status", "pr_status", _value("pr_status", _receptor), _lower, "PR"),
-    FieldCheck("HER2 IHC status", "her2_ihc_status", _her2_ihc, _lower, "HER2"),
     FieldCheck(
-        "HER2 IHC score", "her2_ihc_score", _value("her2_ihc_score", _lower), _lower, "HER2"
+        "HER2 IHC status", "her2_ihc_status", _value("her2_ihc_status", _lower), _lower, "HER2"
     ),
     FieldCheck(
-        "HER2 ISH status", "her2_ish_status", _value("her2_ish_status", _lower), _ish, "HER2"
+        "HER2 IHC score", "her2_ihc_score", _value("her2_ihc_score", _lower), _lower, "HER2 score"
+    ),
+    FieldCheck(
+        "HER2 ISH status", "her2_ish_status", _value("her2_ish_status", _lower), _ish, "HER2 ISH"
     ),
     FieldCheck(
         "Gleason primary",
@@ -185,6 +223,10 @@ class FieldScore(BaseModel):
     correct: int
     stated: int = Field(description="Records with a gold value whose text states the field")
     correct_stated: int
+    gold_not_written: int | None = Field(
+        None,
+        description="Records that state the field but never write the gold value (T and N)",
+    )
     accuracy_all: float
     coverage: float
     accuracy_stated: float | None
@@ -207,8 +249,14 @@ def read_gold(path: Path) -> list[GoldRecord]:
         raise ReportInputError(
             f"{path} does not exist; pass a JSON-lines file with 'text' and 'gold'"
         )
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as error:
+        raise ReportInputError(
+            f"{path} is not UTF-8 text (byte {error.start}); save it as UTF-8 JSON lines"
+        ) from None
     records = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
@@ -242,7 +290,9 @@ def score(records: Iterable[GoldRecord], predictions: dict[str, Fields]) -> Extr
             expected = check.gold(gold)
             predicted = check.predicted(fields) if fields is not None else None
             stated = bool(stated_patterns[check.stated].search(record.text))
-            right = predicted is not None and predicted == expected
+            if stated and check.written is not None:
+                tally.update(gold_not_written=expected not in check.written(record.text))
+            right = predicted is not None and check.same(predicted, expected)
             tally.update(
                 with_gold=1,
                 covered=predicted is not None,
@@ -265,6 +315,7 @@ def score(records: Iterable[GoldRecord], predictions: dict[str, Fields]) -> Extr
             accuracy_all=t["correct"] / t["with_gold"],
             coverage=t["covered"] / t["with_gold"],
             accuracy_stated=t["correct_stated"] / t["stated"] if t["stated"] else None,
+            gold_not_written=t["gold_not_written"] if check.written is not None else None,
         )
         for check in CHECKS
         if (t := tallies[check.name])["with_gold"]
@@ -286,21 +337,34 @@ def score(records: Iterable[GoldRecord], predictions: dict[str, Fields]) -> Extr
 def markdown_table(scores: ExtractionScores) -> str:
     """The per-field table, as it goes into docs/evaluation.md."""
     lines = [
-        "| field | with gold | accuracy (all) | coverage | stated | accuracy (stated) |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
+        "| field | with gold | accuracy (all) | coverage | stated | accuracy (stated) "
+        "| gold never written |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for s in scores.fields:
         stated = f"{s.accuracy_stated:.3f}" if s.accuracy_stated is not None else "–"
+        unwritten = "–" if s.gold_not_written is None else str(s.gold_not_written)
         lines.append(
             f"| {s.field} | {s.with_gold} | {s.accuracy_all:.3f} | {s.coverage:.3f} "
-            f"| {s.stated} | {stated} |"
+            f"| {s.stated} | {stated} | {unwritten} |"
         )
     lines.append(
         f"| **macro** | | **{scores.macro_accuracy_all:.3f}** | | "
-        f"| **{scores.macro_accuracy_stated:.3f}** |"
+        f"| **{scores.macro_accuracy_stated:.3f}** | |"
     )
     return "\n".join(lines)
 
 
-def write_json(path: Path, scores: ExtractionScores) -> None:
-    path.write_text(json.dumps(scores.model_dump(mode="json"), indent=2), encoding="utf-8")
+def confusion_table(scores: ExtractionScores, axis: str) -> str:
+    """The T or N confusion (gold rows, predicted columns) as a Markdown table."""
+    table = scores.confusion[axis]
+    columns = [*sorted({c for row in table.values() for c in row} - {"none"}), "none"]
+    lines = [
+        f"| gold {axis} | " + " | ".join(columns) + " |",
+        "| --- |" + " ---: |" * len(columns),
+    ]
+    lines += [
+        f"| {gold} | " + " | ".join(str(row.get(c, 0)) for c in columns) + " |"
+        for gold, row in table.items()
+    ]
+    return "\n".join(lines)

@@ -29,8 +29,13 @@ def with_schema_prompting(
     *,
     retries: int,
     include_raw: bool = False,
+    request: dict[str, Any] | None = None,
 ) -> Runnable[LanguageModelInput, Any]:
-    """A runnable that answers with an instance of ``schema`` (a Pydantic model class)."""
+    """A runnable that answers with an instance of ``schema`` (a Pydantic model class).
+
+    ``request`` goes with every call to the model. When it makes the server enforce the schema
+    (an OpenAI-compatible ``response_format``), the schema is not repeated in the prompt.
+    """
     if not (isinstance(schema, type) and issubclass(schema, BaseModel)):
         raise TypeError(
             "in-process structured output needs a Pydantic model class as its schema, "
@@ -38,11 +43,13 @@ def with_schema_prompting(
         )
 
     def answer(prompt: LanguageModelInput, config: RunnableConfig) -> Any:
-        messages = with_schema_instruction(model._convert_input(prompt).to_messages(), schema)
+        messages = model._convert_input(prompt).to_messages()
+        if request is None:
+            messages = with_schema_instruction(messages, schema)
         error: Exception | None = None
         reply = AIMessage(content="")
         for _ in range(retries + 1):
-            reply = model.invoke(messages, config)
+            reply = model.invoke(messages, config, **(request or {}))
             try:
                 parsed = schema.model_validate(parse_json_object(reply.text))
             except (ValueError, ValidationError) as problem:

@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import csv
 import json
+from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
-from histopilot.errors import HistopilotError, ModelUnavailableError, ReportInputError
+from histopilot.errors import HistopilotError, ModelUnavailableError, OutputError, ReportInputError
+from histopilot.tools.report.document import ExtractionRecord
 from histopilot.tools.report.schemas import FIELDS
 
 TEXT_SUFFIXES = (".txt", ".text", ".md")
@@ -39,33 +41,42 @@ Extractor = Callable[[str], tuple[str, dict[str, dict[str, Any]], list[str]]]
 """text → (schema name, flat fields, warnings)."""
 
 
-def iter_reports(inputs: list[Path]) -> Iterator[ReportText | Failure]:
-    """Every report in ``inputs``, in order; unreadable ones as a :class:`Failure`."""
+def iter_reports(inputs: list[Path], *, skip: Path | None = None) -> Iterator[ReportText | Failure]:
+    """Every report in ``inputs``, in order; unreadable ones as a :class:`Failure`.
+
+    A text file's id is its path inside the folder given, without the suffix (``a/r`` for
+    ``reports/a/r.txt``), or its stem when the file itself was given. ``skip`` (the output
+    file) is never read as input.
+    """
+    skip = skip.resolve() if skip is not None else None
     for path in inputs:
         if path.is_dir():
             files = sorted(
-                p for p in path.rglob("*") if p.suffix.lower() in (*TEXT_SUFFIXES, ".jsonl")
+                p
+                for p in path.rglob("*")
+                if p.suffix.lower() in (*TEXT_SUFFIXES, ".jsonl") and p.resolve() != skip
             )
             if not files:
                 yield Failure(id=str(path), reason="the folder holds no .txt, .md or .jsonl files")
             for file in files:
-                yield from _read_file(file)
+                yield from _read_file(file, file.relative_to(path).with_suffix("").as_posix())
         elif path.is_file():
-            yield from _read_file(path)
+            if path.resolve() != skip:
+                yield from _read_file(path, path.stem)
         else:
             yield Failure(id=str(path), reason="no such file or folder")
 
 
-def _read_file(path: Path) -> Iterator[ReportText | Failure]:
+def _read_file(path: Path, ident: str) -> Iterator[ReportText | Failure]:
     if path.suffix.lower() == ".jsonl":
         yield from _read_jsonl(path)
         return
     try:
         text = path.read_text(encoding="utf-8", errors="replace")
     except OSError as error:
-        yield Failure(id=str(path), reason=f"cannot read it ({error.strerror})")
+        yield Failure(id=ident, reason=f"cannot read it ({error.strerror})")
         return
-    yield _checked(path.stem, text)
+    yield _checked(ident, text)
 
 
 def _read_jsonl(path: Path) -> Iterator[ReportText | Failure]:
@@ -102,50 +113,84 @@ def _checked(ident: str, text: str) -> ReportText | Failure:
     return ReportText(id=ident, text=text)
 
 
+CSV_HEADER = ["id", "schema", *FIELDS, *(f"{name}_span" for name in FIELDS)]
+
+
 class RecordWriter:
-    """Appends records to a .jsonl or .csv file, and knows which ids it already holds."""
+    """Appends records to a .jsonl or .csv file, and knows which ids it already holds.
+
+    A line cut short by an interrupted run is removed before anything is appended, so that
+    record is done again and the next one starts on a line of its own. A CSV must have been
+    written by us (same header), or it is refused rather than appended to.
+    """
 
     def __init__(self, path: Path) -> None:
         if path.suffix.lower() not in (".jsonl", ".csv"):
             raise ReportInputError(f"--out must end in .jsonl or .csv, not {path.name!r}")
+        if path.is_dir():
+            raise ReportInputError(f"--out {path} is a folder; give a .jsonl or .csv file path")
         self.path = path
         self.csv = path.suffix.lower() == ".csv"
-        self.done = self._written_ids()
         path.parent.mkdir(parents=True, exist_ok=True)
+        self._drop_cut_line()
+        self.done = self._written_ids()
         new = not path.exists() or path.stat().st_size == 0
-        self._file = path.open("a", encoding="utf-8", newline="")
+        try:
+            self._file = path.open("a", encoding="utf-8", newline="")
+        except OSError as error:
+            raise OutputError(f"cannot write {path}: {error.strerror}") from error
         self._csv = csv.writer(self._file) if self.csv else None
         if self._csv is not None and new:
-            self._csv.writerow(["id", "schema", *FIELDS, *(f"{f}_span" for f in FIELDS)])
+            self._csv.writerow(CSV_HEADER)
+
+    def _drop_cut_line(self) -> None:
+        if not self.path.is_file():
+            return
+        data = self.path.read_bytes()
+        keep = data.rfind(b"\n") + 1
+        if keep < len(data):
+            with self.path.open("r+b") as existing:
+                existing.truncate(keep)
 
     def _written_ids(self) -> set[str]:
-        if not self.path.exists():
+        if not self.path.exists() or self.path.stat().st_size == 0:
             return set()
-        done = set()
         with self.path.open(encoding="utf-8", errors="replace", newline="") as existing:
-            if self.csv:
-                done = {row["id"] for row in csv.DictReader(existing) if row.get("id")}
-            else:
-                for line in existing:
-                    try:
-                        done.add(json.loads(line)["id"])
-                    except (json.JSONDecodeError, KeyError, TypeError):
-                        continue  # a line cut short by an interrupted run is redone
-        return done
+            if not self.csv:
+                return {
+                    record["id"]
+                    for line in existing
+                    if isinstance(record := _json_or_none(line), dict) and "id" in record
+                }
+            rows = csv.reader(existing)
+            if next(rows, None) != CSV_HEADER:
+                raise ReportInputError(
+                    f"{self.path} exists and is not a histopilot extraction CSV (its header "
+                    "differs); choose another --out, or move the file away"
+                )
+            return {row[0] for row in rows if len(row) == len(CSV_HEADER)}
 
-    def write(self, record: dict[str, Any]) -> None:
+    def write(self, record: ExtractionRecord) -> None:
         if self._csv is not None:
-            fields = record["fields"]
-            values = [_cell(fields.get(f, {}).get("value")) for f in FIELDS]
-            spans = [_cell(fields.get(f, {}).get("span")) for f in FIELDS]
-            self._csv.writerow([record["id"], record["schema"], *values, *spans])
+            fields = record.fields
+            values = [_cell(fields.get(name, {}).get("value")) for name in FIELDS]
+            spans = [_cell(fields.get(name, {}).get("span")) for name in FIELDS]
+            self._csv.writerow([record.id, record.schema_name, *values, *spans])
         else:
-            self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
+            line = json.dumps(record.model_dump(by_alias=True), ensure_ascii=False)
+            self._file.write(line + "\n")
         self._file.flush()
-        self.done.add(record["id"])
+        self.done.add(record.id)
 
     def close(self) -> None:
         self._file.close()
+
+
+def _json_or_none(line: str) -> Any:
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError:
+        return None
 
 
 def _cell(value: Any) -> str:
@@ -164,36 +209,59 @@ def run_batch(
     concurrency: int = 1,
     on_done: Callable[[], None] | None = None,
 ) -> tuple[int, int, list[Failure]]:
-    """(written, skipped as already done, failures). Records are written as they finish;
-    ``concurrency`` requests run at once (useful against a server, not for the rules)."""
-    failures: list[Failure] = []
-    pending = []
-    skipped = 0
-    for item in iter_reports(inputs):
-        if isinstance(item, Failure):
-            failures.append(item)
-        elif item.id in writer.done:
-            skipped += 1
-        else:
-            pending.append(item)
-    written = 0
+    """(written, skipped as already done, failures).
 
-    def one(report: ReportText) -> dict[str, Any] | Failure:
+    Reports are read as they are needed and at most ``concurrency`` run at once (useful against
+    a server; the rules gain nothing from it), with a few more queued, so a batch of any size
+    keeps little in memory. Records are written in input order as soon as they and every
+    earlier one are done. ``on_done`` is called once per input record, whatever became of it.
+    """
+    failures: list[Failure] = []
+    written = skipped = 0
+    queued: deque[Future] = deque()
+
+    def one(report: ReportText) -> ExtractionRecord | Failure:
         try:
             schema, fields, warnings = extractor(report.text)
         except ModelUnavailableError:
-            raise
-        except (HistopilotError, ValidationError, ValueError) as error:
+            raise  # the server is gone: every later record would fail the same way
+        except HistopilotError as error:
             return Failure(id=report.id, reason=str(error)[:300])
-        return {"id": report.id, "schema": schema, "fields": fields, "warnings": warnings}
+        except Exception as error:  # noqa: BLE001 - one record's failure must not end the batch
+            return Failure(id=report.id, reason=f"{type(error).__name__}: {str(error)[:300]}")
+        return ExtractionRecord(id=report.id, schema=schema, fields=fields, warnings=warnings)
+
+    def finish(future: Future) -> None:
+        nonlocal written
+        result = future.result()
+        if isinstance(result, Failure):
+            failures.append(result)
+        else:
+            writer.write(result)
+            written += 1
+
+    def tick() -> None:
+        if on_done:
+            on_done()
 
     with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
-        for result in pool.map(one, pending):
-            if isinstance(result, Failure):
-                failures.append(result)
-            else:
-                writer.write(result)
-                written += 1
-            if on_done:
-                on_done()
+        seen: set[str] = set()
+        for item in iter_reports(inputs, skip=writer.path):
+            if isinstance(item, ReportText) and item.id in seen:
+                item = Failure(id=item.id, reason="an earlier record has the same id")
+            if isinstance(item, Failure) or item.id in writer.done:
+                if isinstance(item, Failure):
+                    failures.append(item)
+                else:
+                    skipped += 1
+                tick()
+                continue
+            seen.add(item.id)
+            queued.append(pool.submit(one, item))
+            while len(queued) > 2 * max(1, concurrency) or (queued and queued[0].done()):
+                finish(queued.popleft())
+                tick()
+        while queued:
+            finish(queued.popleft())
+            tick()
     return written, skipped, failures

@@ -34,6 +34,11 @@ _NO_RESULT = re.compile(
     re.IGNORECASE,
 )
 _BOTH_NEGATIVE = re.compile(rf"negative\s+for\s+{_ER}\s*(?:,|and|/)\s*{_PR}", re.IGNORECASE)
+_BOTH_NAMED = re.compile(
+    rf"{_ER}\s*(?:and|&|/)\s*{_PR}(?:\s+receptors?)?\s+(?:are|is|were|was)\s+(?:both\s+)?"
+    r"(?P<word>positive|negative)",
+    re.IGNORECASE,
+)
 _BOTH = re.compile(
     r"\b(?:ER\s*/\s*PR|ER\s*and\s*PR)\s*[:\-]?\s*(?P<sign>positive|negative|\+|-)", re.IGNORECASE
 )
@@ -46,6 +51,14 @@ _ISH = re.compile(
     r"(?P<no>not\s+amplified|non-?amplified|no\s+(?:gene\s+)?amplification|amplification\s+not\s+"
     r"(?:found|detected|identified|seen)|negative\s+for\s+amplification)|(?P<eq>equivocal)|"
     r"(?P<yes>amplified|amplification\s+(?:present|detected|found))(?!\s+control)",
+    re.IGNORECASE,
+)
+_HER2_WORD = re.compile(
+    r"\b(negative|positive|equivocal|indeterminate|borderline)\b(?!\s+for\b)", re.IGNORECASE
+)
+#: "negative for HER2/neu oncoprotein over-expression": the IHC result, said before the name.
+_HER2_STATUS_FIRST = re.compile(
+    rf"\b(negative|positive|equivocal)\s+for\s+(?:the\s+)?{_HER2}(?!\s*(?:gene|amplif))",
     re.IGNORECASE,
 )
 _ISH_CONTEXT = re.compile(r"\b(?:FISH|ISH|CISH|SISH|gene\s+amplification|ratio)\b", re.IGNORECASE)
@@ -81,11 +94,12 @@ def receptor(text: str, which: str) -> dict[str, Mention]:
             value = "positive" if "+" in (sign.group("sign") or sign.group("paren")) else "negative"
             return {"status": Mention(marker.start(), sign.end(), value)}
         words, offset = _result_after(text, marker)
-        if not words.strip() or _NO_RESULT.search(words[:60]):
-            continue
         percent = _PERCENT.search(words)
         status = _STATUS.search(words)
         if status is None and percent is None:
+            continue
+        first = min(m.start() for m in (status, percent) if m is not None)
+        if _withheld(words[:first]):
             continue
         value = None
         if status is not None:
@@ -108,9 +122,8 @@ def receptor(text: str, which: str) -> dict[str, Mention]:
                 ),
             )
         end = offset + max(m.end() for m in (status, percent) if m is not None)
-        found.setdefault("status", Mention(marker.start(), end, value))
-        if "status" in found:
-            break
+        found["status"] = Mention(marker.start(), end, value)
+        break
     if "status" not in found:
         for stated in _STATUS_FIRST.finditer(text):
             named = [stated.group("first"), stated.group("second") or ""]
@@ -118,11 +131,20 @@ def receptor(text: str, which: str) -> dict[str, Mention]:
                 return {
                     "status": Mention(stated.start(), stated.end(), stated.group("word").lower())
                 }
+        for both in _BOTH_NAMED.finditer(text):
+            return {"status": Mention(both.start(), both.end(), both.group("word").lower())}
         for both in _BOTH.finditer(text):
             sign = both.group("sign").lower()
             value = "positive" if sign in ("positive", "+") else "negative"
             return {"status": Mention(both.start(), both.end(), value)}
     return found
+
+
+def _withheld(words: str) -> bool:
+    """Whether the words before a result say there is none yet ("will be performed",
+    "see prior report"); "performed on another specimen. Results: positive" still counts."""
+    withheld = _NO_RESULT.search(words)
+    return withheld is not None and not re.search(r"results?\b", words[withheld.end() :], re.I)
 
 
 def _share(percent: re.Match) -> float:
@@ -134,57 +156,63 @@ def _share(percent: re.Match) -> float:
 
 
 def her2(text: str) -> dict[str, Mention]:
-    """HER2: IHC score, ISH result and the overall status (ASCO/CAP: 3+ or amplified positive,
-    2+ without ISH equivocal, 0–1+ negative)."""
+    """HER2: the IHC score and category, the ISH result, and the overall status.
+
+    The overall status follows ASCO/CAP 2018: an ISH result decides (amplified positive, not
+    amplified negative); without one, IHC 3+ is positive, 2+ equivocal, 0 and 1+ negative.
+    Words next to an ISH method ("by FISH: negative") are the ISH result, not the IHC one.
+    """
     found: dict[str, Mention] = {}
-    status: Mention | None = None
     for marker in re.finditer(_HER2, text, re.IGNORECASE):
         words, offset = _result_after(text, marker)
-        if _NO_RESULT.search(words[:50]) and not _STATUS.search(words[:25]):
-            continue
+        if len(set(re.findall(r"negative|equivocal|positive", words, re.IGNORECASE))) >= 2:
+            continue  # a legend of the categories ("Negative 0-1+, Equivocal 2+"), not a result
         ish = _ISH.search(words)
-        if (
-            ish
-            and ("ish" not in found)
-            and (
-                _ISH_CONTEXT.search(words)
-                or _ISH_CONTEXT.search(text[max(0, marker.start() - 80) : marker.start()])
-                or ish.group("no")
-                or ish.group("yes")
-            )
-        ):
-            result = (
-                "not amplified"
-                if ish.group("no")
-                else "equivocal"
-                if ish.group("eq")
-                else "amplified"
-            )
-            found["ish"] = Mention(offset + ish.start(), offset + ish.end(), result)
-            continue
         score = _HER2_SCORE.search(words)
-        if score and "score" not in found:
-            value = score.group("score") or score.group("s2") or score.group("zero")
-            found["score"] = Mention(
-                offset + score.start(), offset + score.end(), "0" if value == "0" else f"{value}+"
-            )
-        word = re.search(
-            r"\b(negative|positive|equivocal|indeterminate|borderline)\b", words, re.IGNORECASE
+        word = _HER2_WORD.search(words)
+        results = [m for m in (ish, score, word) if m is not None]
+        if not results or _withheld(words[: min(m.start() for m in results)]):
+            continue
+        by_ish = bool(
+            _ISH_CONTEXT.search(words)
+            or _ISH_CONTEXT.search(text[max(0, marker.start() - 40) : marker.start()])
         )
-        if score and status is None:
-            status = _from_score(found["score"])
-        elif word and status is None:
+        if ish and (by_ish or ish.group("no") or ish.group("yes")):
+            found.setdefault("ish", Mention(offset + ish.start(), offset + ish.end(), _ish(ish)))
+            method = _ISH_CONTEXT.search(words)
+            if word and method and word.end() <= method.start():  # "NEGATIVE (CISH: NOT AMPLIFIED)"
+                value = word.group(1).lower().replace("borderline", "equivocal")
+                found.setdefault("ihc_status", Mention(marker.start(), offset + word.end(), value))
+        elif word and by_ish and word.group(1).lower() in ("positive", "negative"):
+            value = "amplified" if word.group(1).lower() == "positive" else "not amplified"
+            found.setdefault("ish", Mention(offset + word.start(), offset + word.end(), value))
+        elif score:
+            value = score.group("score") or score.group("s2") or score.group("zero")
+            value = "0" if value == "0" else f"{value}+"
+            found.setdefault("score", Mention(offset + score.start(), offset + score.end(), value))
+        elif word and word.group(1).lower() != "indeterminate":
             value = word.group(1).lower().replace("borderline", "equivocal")
-            if value != "indeterminate":
-                status = Mention(marker.start(), offset + word.end(), value)
-    if status is None and "score" in found:
-        status = _from_score(found["score"])
-    if status is not None and "ish" in found and status.value == "equivocal":
-        ish = found["ish"]
-        status = Mention(ish.start, ish.end, "positive" if ish.value == "amplified" else "negative")
-    if status is not None:
-        found["status"] = status
+            found.setdefault("ihc_status", Mention(marker.start(), offset + word.end(), value))
+    if "ihc_status" not in found and (stated := _HER2_STATUS_FIRST.search(text)):
+        found["ihc_status"] = Mention(stated.start(), stated.end(), stated.group(1).lower())
+    if "score" in found:
+        found["ihc_status"] = _from_score(found["score"])
+    overall = found.get("ihc_status")
+    if "ish" in found:
+        ish_result = found["ish"]
+        value = {"amplified": "positive", "not amplified": "negative"}.get(
+            str(ish_result.value), "equivocal"
+        )
+        overall = Mention(ish_result.start, ish_result.end, value)
+    if overall is not None:
+        found["status"] = overall
     return found
+
+
+def _ish(match: re.Match) -> str:
+    if match.group("no"):
+        return "not amplified"
+    return "equivocal" if match.group("eq") else "amplified"
 
 
 def _from_score(score: Mention) -> Mention:

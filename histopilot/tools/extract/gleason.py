@@ -14,7 +14,7 @@ from histopilot.tools.extract.text import Mention
 
 _SUM = re.compile(
     r"gleason[^.;\d]{0,60}?(?P<p>[1-5])\s*\+\s*(?P<s>[1-5])(?:\s*=\s*(?P<total>10|[2-9]))?"
-    r"|gleason(?:'?s)?[^.;\d]{0,40}?(?P<total2>10|[2-9])\s*\(\s*(?P<p2>[1-5])\s*\+\s*(?P<s2>[1-5])\s*\)",
+    r"|gleason(?:'?s)?[^.;\d]{0,40}?(?P<total2>10|[2-9])[\s.]*\(\s*(?P<p2>[1-5])\s*\+\s*(?P<s2>[1-5])\s*\)",
     re.IGNORECASE,
 )
 _PRIMARY = re.compile(
@@ -35,6 +35,17 @@ _TOTAL = re.compile(
 )
 
 
+#: Words that put a grade in the patient's history (an earlier biopsy), not this specimen.
+_HISTORY = re.compile(
+    r"histor|biopsy\s+reveal|previous|prior|outside|clinical\s+(?:data|information|diagnosis)",
+    re.IGNORECASE,
+)
+
+
+def _weight(text: str, match: re.Match) -> float:
+    return 0.4 if _HISTORY.search(text[max(0, match.start() - 150) : match.start()]) else 1.0
+
+
 def grade_group(primary: int, secondary: int) -> int:
     """ISUP grade group from the two patterns."""
     total = primary + secondary
@@ -45,11 +56,12 @@ def grade_group(primary: int, secondary: int) -> int:
     return 4 if total == 8 else 5
 
 
-def gleason(text: str) -> dict[str, Mention]:
+def gleason(text: str, *, resection: bool = True) -> dict[str, Mention]:
     """Primary, secondary, tertiary pattern, score and grade group, each with its span.
 
-    The most frequent ``p+s`` pair wins (a biopsy lists several cores, a resection restates its
-    grade in the synopsis); among equals the highest score, which is the one that guides care.
+    The most frequent ``p+s`` pair wins (a resection restates its grade in the synopsis); among
+    equals, a resection takes the first named (the dominant nodule, as CAP asks) and a biopsy
+    the highest-grade core.
     """
     pairs: dict[tuple[int, int], list[re.Match]] = {}
     for match in _SUM.finditer(text):
@@ -61,8 +73,13 @@ def gleason(text: str) -> dict[str, Mention]:
         pairs.setdefault((primary, secondary), []).append(match)
     found: dict[str, Mention] = {}
     if pairs:
+        if resection:  # the dominant nodule, which reports name first
+            order = {pair: -matches[0].start() for pair, matches in pairs.items()}
+        else:  # a biopsy is graded by its highest-grade core
+            order = {pair: sum(pair) * 10 + pair[0] for pair in pairs}
+        weight = {pair: sum(_weight(text, m) for m in matches) for pair, matches in pairs.items()}
         (primary, secondary), matches = max(
-            pairs.items(), key=lambda kv: (len(kv[1]), sum(kv[0]), kv[0][0])
+            pairs.items(), key=lambda kv: (weight[kv[0]], order[kv[0]])
         )
         first = matches[0]
         key = "" if first.group("p") else "2"
@@ -79,9 +96,8 @@ def gleason(text: str) -> dict[str, Mention]:
             if total and int(total.group("total")) == primary + secondary:
                 found["score"] = Mention(total.start(), total.end(), primary + secondary)
             else:
-                found["score"] = Mention(
-                    primary_match.start(), secondary_match.end(), primary + secondary
-                )
+                first, last = sorted((primary_match, secondary_match), key=lambda m: m.start())
+                found["score"] = Mention(first.start(), last.end(), primary + secondary)
         elif total := _TOTAL.search(text):
             found["score"] = Mention(total.start(), total.end(), int(total.group("total")))
     if "primary" in found:

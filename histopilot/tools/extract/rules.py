@@ -11,27 +11,26 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from histopilot.tools.extract import biomarkers, gleason, nodes, staging, tnm, tumour
-from histopilot.tools.extract.sites import detect_organ, schema_for
+from histopilot.tools.extract import biomarkers, gleason, histology, nodes, staging, tnm, tumour
+from histopilot.tools.extract.sites import detect_organ, other_sites, schema_for
 from histopilot.tools.extract.text import Mention
 from histopilot.tools.report.schemas import SCHEMAS, Reported, SynopticBase, schema_named
 
 SCHEMA_CHOICES = ("auto", *SCHEMAS)
 
 
-def find_mentions(
-    text: str, schema_name: str, organ: str | None
-) -> dict[str, Mention | staging.Derived]:
+def find_mentions(text: str, schema_name: str, organ: str | None) -> dict[str, Mention]:
     """Every field a finder can read from ``text``, keyed by schema field name."""
-    found: dict[str, Mention | staging.Derived | None] = {}
-    found["pT"] = tnm.choose(tnm.t_mentions(text))
-    found["pN"] = tnm.choose(tnm.n_mentions(text))
-    found["pM"] = tnm.choose(tnm.m_mentions(text))
+    found: dict[str, Mention | None] = {}
+    categories = tnm.tnm_mentions(text, other_sites(organ))
+    found["pT"] = tnm.choose(categories["T"])
+    found["pN"] = tnm.choose(categories["N"])
+    found["pM"] = tnm.choose(categories["M"])
     examined, positive = nodes.node_counts(text)
     found["lymph_nodes_examined"], found["lymph_nodes_positive"] = examined, positive
     size = tumour.tumour_size_mm(text)
     found["tumor_size_mm"] = size
-    kind, code = tumour.histologic_type(text)
+    kind, code = histology.histologic_type(text, organ)
     found["histologic_type"], found["histologic_type_icdo3"] = kind, code
     found["grade"] = tumour.grade(text, schema_name)
     found["margin_status"] = tumour.margin_status(text)
@@ -47,10 +46,12 @@ def find_mentions(
         her2 = biomarkers.her2(text)
         found["her2_status"] = her2.get("status")
         found["her2_ihc_score"] = her2.get("score")
+        found["her2_ihc_status"] = her2.get("ihc_status")
         found["her2_ish_status"] = her2.get("ish")
         found["ki67_percent"] = biomarkers.ki67(text)
     if schema_name.startswith("prostate") or "gleason" in text.lower():
-        for part, mention in gleason.gleason(text).items():
+        resection = schema_name != "prostate_biopsy"
+        for part, mention in gleason.gleason(text, resection=resection).items():
             found[f"gleason_{part}" if part != "grade_group" else part] = mention
     if found["pT"] is None or "X" in str(found["pT"].value):
         found["pT"] = staging.derive_t(organ, text, size) or found["pT"]
@@ -59,11 +60,12 @@ def find_mentions(
     return {name: mention for name, mention in found.items() if mention is not None}
 
 
-def reported(mention: Mention | staging.Derived) -> dict[str, Any]:
+def reported(mention: Mention) -> dict[str, Any]:
     """A finder's result as a ``Reported`` payload."""
-    if isinstance(mention, staging.Derived):
-        return {"value": mention.value, "span": mention.span, "basis": mention.basis}
-    return {"value": mention.value, "span": mention.span}
+    payload = {"value": mention.value, "span": mention.span}
+    if mention.basis:
+        payload["basis"] = mention.basis
+    return payload
 
 
 def extract_with_rules(text: str, schema: str = "auto") -> tuple[SynopticBase, list[str]]:
@@ -75,21 +77,28 @@ def extract_with_rules(text: str, schema: str = "auto") -> tuple[SynopticBase, l
         else schema_named(schema).model_fields["schema_name"].default
     )
     model = SCHEMAS[name]
-    values: dict[str, Any] = {}
+    values = {
+        field: reported(mention)
+        for field, mention in find_mentions(text, name, organ).items()
+        if field in model.model_fields
+    }
+    return fitted(model, values)
+
+
+def fitted(model: type[SynopticBase], values: dict[str, Any]) -> tuple[SynopticBase, list[str]]:
+    """``model`` filled with ``values``; a value that does not fit its field is left out, with
+    a warning naming it, rather than failing the whole report."""
     warnings: list[str] = []
-    for field, mention in find_mentions(text, name, organ).items():
-        if field not in model.model_fields:
-            continue
-        payload = reported(mention)
+    while True:
         try:
-            model.model_validate({field: payload})
+            return model.model_validate(values), warnings
         except ValidationError as error:
-            warnings.append(
-                f"{field}: {payload['value']!r} does not fit {name} ({error.errors()[0]['msg']})"
-            )
-            continue
-        values[field] = payload
-    return model.model_validate(values), warnings
+            misfits = {str(problem["loc"][0]): problem["msg"] for problem in error.errors()}
+            if not misfits.keys() & values.keys():
+                raise  # not a value's fault: a bug, not a bad report
+            for field, message in misfits.items():
+                value = values.pop(field, {}).get("value")
+                warnings.append(f"{field}: {value!r} does not fit {model.__name__} ({message})")
 
 
 def flat_fields(filled: SynopticBase) -> dict[str, dict[str, Any]]:

@@ -2,15 +2,16 @@
 
 Many reports never write "pT" or "pN" but give the tumour's size, how deep it invades, and how
 many nodes hold metastasis. These rules turn those into the category the site's AJCC chapter
-assigns. Only the criteria a report states in words are used; a rule that needs more (nodal
-station, tumour count in the liver) falls back to what the measured criterion alone implies.
+assigns. Only the criteria a report states in words are used. Where a site's rule needs more than a
+report gives (the number of liver tumours, a cervical tumour's extent), no category is derived;
+lung N, which depends on the nodal station, is N2 when a mediastinal station is named positive
+and N1 otherwise.
 Derived values are marked with their basis, so nobody mistakes them for the pathologist's own.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 
 from histopilot.tools.extract.text import Mention
 
@@ -23,8 +24,6 @@ SIZE_RULES: dict[str, tuple[tuple[float, str], ...]] = {
     "head_neck": ((20, "T1"), (40, "T2"), (float("inf"), "T3")),
     "pancreas": ((20, "T1"), (40, "T2"), (float("inf"), "T3")),
     "adrenal": ((50, "T1"), (float("inf"), "T2")),
-    "liver": ((20, "T1"), (float("inf"), "T1")),
-    "cervix": ((40, "T1"), (float("inf"), "T1")),
 }
 
 #: Depth of invasion → T group, for hollow organs, deepest first (first match wins).
@@ -129,35 +128,32 @@ _MEDIASTINAL = re.compile(
 )
 
 
-@dataclass(frozen=True)
-class Derived:
-    value: str
-    basis: str
-    span: tuple[int, int]
+def _derived(value: str, basis: str, span: tuple[int, int]) -> Mention:
+    return Mention(span[0], span[1], value, basis=basis)
 
 
 def _by_threshold(rules: tuple[tuple[float, str], ...], quantity: float) -> str:
     return next(group for bound, group in rules if quantity <= bound)
 
 
-def derive_t(organ: str | None, text: str, size: Mention | None) -> Derived | None:
+def derive_t(organ: str | None, text: str, size: Mention | None) -> Mention | None:
     """The T group from extent (deepest criterion met) or size, by the organ's AJCC rules."""
     if organ is None:
         return None
     family = ORGAN_DEPTH.get(organ)
-    by_extent: Derived | None = None
+    by_extent: Mention | None = None
     if family:
         for pattern, group in DEPTH_RULES[family]:
             match = re.search(pattern, text, re.IGNORECASE)
             if match:
-                by_extent = Derived(
+                by_extent = _derived(
                     group, f"AJCC 8th {organ}: extent '{match.group(0)[:60]}'", match.span()
                 )
                 break
-    by_size: Derived | None = None
+    by_size: Mention | None = None
     if organ in SIZE_RULES and size is not None:
         group = _by_threshold(SIZE_RULES[organ], float(size.value))  # type: ignore[arg-type]
-        by_size = Derived(group, f"AJCC 8th {organ}: tumour size {size.value:g} mm", size.span)
+        by_size = _derived(group, f"AJCC 8th {organ}: tumour size {size.value:g} mm", size.span)
     if (
         organ == "lung"
         and by_size
@@ -169,7 +165,7 @@ def derive_t(organ: str | None, text: str, size: Mention | None) -> Derived | No
         )
         and by_size.value == "T1"
     ):
-        by_size = Derived("T2", by_size.basis + " with visceral pleural invasion", by_size.span)
+        by_size = _derived("T2", by_size.basis + " with visceral pleural invasion", by_size.span)
     candidates = [d for d in (by_extent, by_size) if d is not None]
     if not candidates:
         return None
@@ -178,21 +174,21 @@ def derive_t(organ: str | None, text: str, size: Mention | None) -> Derived | No
 
 def derive_n(
     organ: str | None, text: str, examined: Mention | None, positive: Mention | None
-) -> Derived | None:
+) -> Mention | None:
     """The N group from the count of positive nodes, by the organ's AJCC rules."""
     if organ is None or positive is None or examined is None or examined.value == 0:
         return None
     count = int(positive.value)  # type: ignore[arg-type]
     basis = f"AJCC 8th {organ}: {count} of {examined.value} regional nodes positive"
     if count == 0:
-        return Derived("N0", basis, positive.span)
+        return _derived("N0", basis, positive.span)
     if organ in NODE_RULES:
-        return Derived(_by_threshold(NODE_RULES[organ], count), basis, positive.span)
+        return _derived(_by_threshold(NODE_RULES[organ], count), basis, positive.span)
     if organ == "lung":
         group = "N2" if _MEDIASTINAL.search(text) else "N1"
-        return Derived(
+        return _derived(
             group, basis + (" incl. mediastinal" if group == "N2" else ""), positive.span
         )
     if organ in ANY_NODE_N1:
-        return Derived("N1", basis, positive.span)
+        return _derived("N1", basis, positive.span)
     return None

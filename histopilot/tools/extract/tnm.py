@@ -16,6 +16,7 @@ from collections import Counter
 from collections.abc import Iterable
 
 from histopilot.tools.extract.text import DIGIT, Mention, ocr_digit
+from histopilot.tools.report.schemas import category_group
 
 _PREFIX = r"(?P<prefix>y\s?p|r\s?p|p|P|c|yc)"
 _T_CORE = (
@@ -26,28 +27,32 @@ _N_CORE = rf"(?P<N>N)\s?(?P<n>[Xx](?![a-z])|{DIGIT})(?P<nsub>mi|[a-cA-C])?"
 _M_CORE = rf"(?P<M>M)\s?(?P<m>[Xx](?![a-z])|{DIGIT})(?P<msub>[a-dA-D])?"
 
 #: ``pT2a``, ``ypT1c``, ``pT 1c``; with or without N and M after it.
-PREFIXED_T = re.compile(rf"(?<![A-Za-z0-9]){_PREFIX}\s?{_T_CORE}")
-PREFIXED_N = re.compile(rf"(?<![A-Za-z0-9]){_PREFIX}\s?{_N_CORE}(?![A-Za-z]{{2}})")
-PREFIXED_M = re.compile(rf"(?<![A-Za-z0-9]){_PREFIX}\s?{_M_CORE}(?![A-Za-z]{{2}})")
+PREFIXED = re.compile(
+    rf"(?<![A-Za-z0-9]){_PREFIX}\s?(?:{_T_CORE}|{_N_CORE}(?![A-Za-z]{{2}})|{_M_CORE}(?![A-Za-z]{{2}}))"
+)
+"""One prefixed category of any letter (``pT2a``, ``ypN1``, ``cM0``): one pass finds all three."""
 #: ``T2N0M0``, ``T1 N0 MX``, ``pT2 NO``: a T followed by an N is staging whatever the prefix.
 T_N_RUN = re.compile(
     rf"(?<![A-Za-z0-9])(?:{_PREFIX}\s?)?{_T_CORE}\s?,?\s?(?:p\s?)?{_N_CORE}(?:\s?,?\s?(?:p\s?)?{_M_CORE})?",
 )
 #: ``Primary tumor (pT): T2``, ``T stage: 3``, ``T category: T1b``.
 LABELLED_T = re.compile(
-    rf"(?:primary\s+tumou?r(?:\s*\(p?T\))?|\bp?T\s*(?:stage|category|classification)(?:,\s*pathologic)?)"
-    rf"\s*[:\-]?\s*(?:{_PREFIX}\s?)?(?P<T>T)?\s?(?P<t>is\b|[Xx](?![a-z])|[0-4])(?P<tsub>[a-d](?:[1-3])?)?(?![0-9]|\s?[.,]\d|\s?(?:cm|mm))",
-    re.IGNORECASE,
+    r"(?:(?i:primary\s+tumou?r)(?:\s*\([pP]?T\))?|\b[pP]?T\s*(?i:stage|category|classification)"
+    r"(?:,\s*(?i:pathologic))?)"
+    rf"\s*[:\-]?\s*(?:{_PREFIX}\s?)?(?P<T>T)?\s?(?P<t>(?i:is)\b|[Xx](?![a-z])|[0-4])"
+    r"(?P<tsub>[a-dA-D](?:[1-3])?)?(?![0-9A-Za-z]|\s?[.,]\d|\s?(?i:cm|mm))",
 )
 LABELLED_N = re.compile(
-    rf"(?:regional\s+lymph\s+nodes?(?:\s*\(p?N\))?|\bp?N\s*(?:stage|category)(?:,\s*pathologic)?)"
-    rf"\s*[:\-]?\s*(?:{_PREFIX}\s?)?(?P<N>N)\s?(?P<n>[Xx](?![a-z])|{DIGIT})(?P<nsub>[a-c])?",
-    re.IGNORECASE,
+    r"(?:(?i:regional\s+lymph\s+nodes?)(?:\s*\([pP]?N\))?|\b[pP]?N\s*(?i:stage|category)"
+    r"(?:,\s*(?i:pathologic))?)"
+    rf"\s*[:\-]?\s*(?:{_PREFIX}\s?)?(?P<N>N)\s?(?P<n>[Xx](?![a-z])|{DIGIT})(?P<nsub>[a-cA-C])?(?![A-Za-z])",
 )
+"""Staging given under a label, in any letter case: ``Primary tumor (pT): T2``, ``T STAGE: 3``."""
 
 #: Wording that marks a mention as a definition or a template heading, not this patient's stage.
 _NOT_THIS_CASE = re.compile(r"\b(?:and|or)\s*p?[TN]\d|tumou?rs\)|^\s*\)", re.IGNORECASE)
-_EDITION = re.compile(r"\b(?:5th|6th|7th|8th|[5678]\s?th)\s*edition", re.IGNORECASE)
+#: A stage stated for a case that is not this one: "if it were …, the stage would be T3".
+_HYPOTHETICAL = re.compile(r"would\s+be|\bif\s+(?:this|the|it)\b|could\s+be", re.IGNORECASE)
 
 
 def _category(letter: str, digit: str, sub: str | None, prefix: str | None) -> str:
@@ -61,46 +66,50 @@ def _category(letter: str, digit: str, sub: str | None, prefix: str | None) -> s
     return f"{head}{letter}{digit}{sub}"
 
 
-def _mentions(text: str, letter: str) -> list[Mention]:
+def _mentions(
+    text: str, letter: str, other_sites: re.Pattern | None, scanned: dict[re.Pattern, list]
+) -> list[Mention]:
     key, sub = letter.lower(), f"{letter.lower()}sub"
     found: dict[int, Mention] = {}
-    plain = {"T": PREFIXED_T, "N": PREFIXED_N, "M": PREFIXED_M}[letter]
-    patterns: list[tuple[re.Pattern, float]] = [(T_N_RUN, 2.0), (plain, 1.0)]
+    patterns: list[tuple[re.Pattern, float]] = [(T_N_RUN, 2.0), (PREFIXED, 1.0)]
     if letter == "T":
         patterns.append((LABELLED_T, 1.5))
     elif letter == "N":
         patterns.append((LABELLED_N, 1.5))
     for pattern, weight in patterns:
-        for match in pattern.finditer(text):
+        matches = scanned[pattern] if pattern in scanned else pattern.finditer(text)
+        for match in matches:
             if match.groupdict().get(key) is None:
                 continue
             start, end = match.span(key)
             prefix = match.groupdict().get("prefix")
-            if prefix and (letter == "T" or pattern is plain):
+            if prefix and (letter == "T" or pattern is PREFIXED):
                 start = match.start("prefix")
             elif match.groupdict().get(letter):
                 start = match.start(letter)
+                if start and text[start - 1] in "pc":  # "pN0" inside a run: keep its prefix
+                    start -= 1
             value = _category(letter, match.group(key), match.groupdict().get(sub), prefix)
             if letter == "T" and match.groupdict().get("tm"):
                 value += "(m)"
             tail = text[match.end() : match.end() + 20]
-            weight_here = weight * 0.25 if _NOT_THIS_CASE.search(tail) else weight
+            head = text[max(0, start - 80) : start]
+            weight_here = weight
+            if _NOT_THIS_CASE.search(tail) or _HYPOTHETICAL.search(head[-40:]):
+                weight_here *= 0.25
+            if other_sites is not None and other_sites.search(head):
+                weight_here *= 0.2  # e.g. an incidental prostate cancer in a cystectomy
             end = match.end(sub) if match.groupdict().get(sub) else end
             if start not in found or found[start].weight < weight_here:
                 found[start] = Mention(start, end, value, weight_here)
     return sorted(found.values())
 
 
-def t_mentions(text: str) -> list[Mention]:
-    return _mentions(text, "T")
-
-
-def n_mentions(text: str) -> list[Mention]:
-    return _mentions(text, "N")
-
-
-def m_mentions(text: str) -> list[Mention]:
-    return _mentions(text, "M")
+def tnm_mentions(text: str, other_sites: re.Pattern | None = None) -> dict[str, list[Mention]]:
+    """T, N and M categories in ``text`` (keyed by letter); those just after words naming
+    ``other_sites`` (organs other than the report's own) weigh less."""
+    scanned = {pattern: list(pattern.finditer(text)) for pattern in (T_N_RUN, PREFIXED)}
+    return {letter: _mentions(text, letter, other_sites, scanned) for letter in "TNM"}
 
 
 def _rank(category: str) -> tuple[int, str]:
@@ -122,18 +131,7 @@ def choose(mentions: Iterable[Mention]) -> Mention | None:
         weights[str(mention.value)] += mention.weight
     coarse: Counter[str] = Counter()
     for value, weight in weights.items():
-        coarse[_group(value)] += weight
+        coarse[category_group(value)] += weight
     best_group = max(coarse, key=lambda g: (coarse[g], _rank(g)))
-    in_group = [m for m in known if _group(str(m.value)) == best_group]
+    in_group = [m for m in known if category_group(str(m.value)) == best_group]
     return max(in_group, key=lambda m: (weights[str(m.value)], len(str(m.value)), m.start))
-
-
-def _group(category: str) -> str:
-    match = re.search(r"([TNM])(X|is|\d)", category)
-    return match.group(0) if match else category
-
-
-def edition(text: str) -> int | None:
-    """The AJCC edition a report names, if it names one."""
-    match = _EDITION.search(text)
-    return int(re.sub(r"\D", "", match.group(0))) if match else None

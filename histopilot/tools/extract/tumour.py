@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 
-from histopilot.tools.extract.text import DECIMAL, Mention, parse_decimal
+from histopilot.tools.extract.text import DECIMAL, Mention, around, matches_in, parse_decimal
 
 # --- Size -----------------------------------------------------------------------------------
 
@@ -43,15 +43,24 @@ _NOT_TUMOUR = re.compile(
 )
 
 
+#: A measurement ("2.3 cm", "4 mm"): sizes are only looked for near one.
+_MEASUREMENT = re.compile(r"\d\s*(?:cm|mm)\b", re.IGNORECASE)
+_MARGIN_WORD = re.compile(r"margin", re.IGNORECASE)
+#: Where a size or distance statement can start: a word, a decimal written ".5", or a tumour
+#: word inside a longer one ("adeno|carcinoma").
+_NUMBER_OR_WORD = re.compile(r"\b\w|[.,](?=\d)|(?<=\w)(?:carcinoma|melanoma)", re.IGNORECASE)
+
+
 def tumour_size_mm(text: str) -> Mention | None:
     """Greatest dimension of the tumour in mm: a labelled size first, else the largest tumour
     measurement in the narrative (specimen, node and fragment sizes are skipped)."""
-    for match in SIZE_LABEL.finditer(text):
+    spans = around(text, _MEASUREMENT, 160, 60)
+    for match in matches_in(SIZE_LABEL, text, spans, _NUMBER_OR_WORD):
         size = _greatest(match)
         if size is not None:
             return Mention(match.start(), match.end(), size)
     best: Mention | None = None
-    for match in SIZE_NARRATIVE.finditer(text):
+    for match in matches_in(SIZE_NARRATIVE, text, spans, _NUMBER_OR_WORD):
         if _NOT_TUMOUR.search(match.group(0)):
             continue
         size = _greatest(match)
@@ -82,7 +91,7 @@ def _greatest(match: re.Match) -> float | None:
 _DIFFERENTIATION = {"well": "G1", "moderately": "G2", "poorly": "G3", "un": "G4"}
 GRADE_LABEL = re.compile(
     r"(?:histologic(?:al)?\s+grade|tumou?r\s+grade|nuclear\s+grade|fuhrman\s+(?:nuclear\s+)?grade|"
-    r"(?:who/)?isup\s+grade|grade)\s*(?:\(.{0,30}?\))?\s*[:\-]?\s*(?:G\s?)?(?P<g>[1-4IV]{1,3})\b(?!\s*[+%])",
+    r"(?:who/)?isup\s+grade|grade)\s*(?:\(.{0,30}?\))?\s*[:\-]?\s*(?:is\s+)?(?:G\s?)?(?P<g>[1-4IV]{1,3})\b(?!\s*[+%])",
     re.IGNORECASE,
 )
 G_CODE = re.compile(r"(?<![A-Za-z0-9])G(?P<g>[1-4X])(?![0-9A-Za-z])")
@@ -100,7 +109,7 @@ _ROMAN = {"I": "1", "II": "2", "III": "3", "IV": "4"}
 def grade(text: str, site: str) -> Mention | None:
     """The histologic grade in the site's system: Nottingham 1–3 for breast, WHO/ISUP or
     Fuhrman 1–4 for kidney, else G1–G4 (differentiation) or high/low grade."""
-    if site == "prostate":
+    if site.startswith("prostate"):
         return None  # Gleason, read separately
     for match in GRADE_LABEL.finditer(text):
         raw = match.group("g").upper()
@@ -154,10 +163,13 @@ MARGIN_DISTANCE = re.compile(
 )
 RESIDUAL = re.compile(r"(?<![A-Za-z0-9])R\s?(?P<r>[0-2OX])(?![0-9A-Za-z])")
 _INVASION = {
-    "lymphovascular_invasion": r"(?:lympho[\s-]?vascular|angio[\s-]?lymphatic|"
-    r"lymphatic(?:\s*\(small\s+vessel\))?|"
-    r"vascular|venous|blood\s+vessel|lymph[\s-]?vascular|vessel)\s+invasion",
-    "perineural_invasion": r"peri[\s-]?neural\s+(?:invasion|infiltration|spread)",
+    name: re.compile(pattern, re.IGNORECASE)
+    for name, pattern in {
+        "lymphovascular_invasion": r"(?:lympho[\s-]?vascular|angio[\s-]?lymphatic|"
+        r"lymphatic(?:\s*\(small\s+vessel\))?|"
+        r"vascular|venous|blood\s+vessel|lymph[\s-]?vascular|vessel)\s+invasion",
+        "perineural_invasion": r"peri[\s-]?neural\s+(?:invasion|infiltration|spread)",
+    }.items()
 }
 _ABSENT = re.compile(
     r"\b(?:not\s+(?:identified|seen|present|detected|found)|absent|negative|none|no\b)",
@@ -169,18 +181,26 @@ _INDETERMINATE = re.compile(
 )
 
 
+def _first_of(
+    words: str, readings: tuple[tuple[re.Pattern, str], ...]
+) -> tuple[re.Match, str] | None:
+    """The reading whose words come first: "present, no perineural invasion" is present."""
+    hits = [(match, value) for pattern, value in readings if (match := pattern.search(words))]
+    return min(hits, key=lambda hit: hit[0].start()) if hits else None
+
+
 def margin_status(text: str) -> Mention | None:
     for label in MARGIN_LABEL.finditer(text):
         words = text[label.end() : label.end() + 90]
         words = re.split(r"(?<=[a-z])\.\s+[A-Z]", words)[0]
-        for pattern, value in (
-            (_MARGIN_CLOSE, "close"),
-            (_MARGIN_NEGATIVE, "negative"),
-            (_MARGIN_POSITIVE, "positive"),
-        ):
-            found = pattern.search(words)
-            if found:
-                return Mention(label.start(), label.end() + found.end(), value)
+        # "close" qualifies a clear margin wherever it is said; otherwise the first word rules
+        # ("involved by carcinoma; other margins free" is positive).
+        hit = _first_of(words, ((_MARGIN_NEGATIVE, "negative"), (_MARGIN_POSITIVE, "positive")))
+        close = _MARGIN_CLOSE.search(words)
+        if close and (hit is None or hit[1] == "negative"):
+            hit = close, "close"
+        if hit:
+            return Mention(label.start(), label.end() + hit[0].end(), hit[1])
     narrative = MARGIN_NARRATIVE.search(text)
     if narrative:
         word = (narrative.group("w") or narrative.group("w2")).lower()
@@ -190,7 +210,8 @@ def margin_status(text: str) -> Mention | None:
 
 
 def margin_distance_mm(text: str) -> Mention | None:
-    match = MARGIN_DISTANCE.search(text)
+    spans = around(text, _MARGIN_WORD, 140, 90)
+    match = next(matches_in(MARGIN_DISTANCE, text, spans, _NUMBER_OR_WORD), None)
     if not match:
         return None
     token, unit = (
@@ -206,7 +227,8 @@ def residual_tumour(text: str) -> Mention | None:
     for match in RESIDUAL.finditer(text):
         context = text[max(0, match.start() - 40) : match.start()].lower()
         if re.search(
-            r"p?t\s?[0-4x]|n\s?[0-3x]|m\s?[01x]|residual|resection|classification", context
+            r"p?t\s?[0-4x]|n\s?[0-3x]|m\s?[01x]|\b[lv]\s?[0-2]\b|residual|resection|classification|margin",
+            context,
         ):
             value = {"O": "0"}.get(match.group("r"), match.group("r"))
             return Mention(match.start(), match.end(), f"R{value}")
@@ -215,112 +237,17 @@ def residual_tumour(text: str) -> Mention | None:
 
 def invasion(text: str, field: str) -> Mention | None:
     """Lymphovascular or perineural invasion: present, absent or indeterminate."""
-    for match in re.finditer(_INVASION[field], text, re.IGNORECASE):
+    for match in _INVASION[field].finditer(text):
         after = text[match.end() : match.end() + 40]
         before = text[max(0, match.start() - 25) : match.start()]
-        for pattern, value in (
-            (_INDETERMINATE, "indeterminate"),
-            (_ABSENT, "absent"),
-            (_PRESENT, "present"),
-        ):
-            hit = pattern.search(after)
-            if hit and hit.start() < 25:
-                return Mention(match.start(), match.end() + hit.end(), value)
+        hit = _first_of(
+            after,
+            ((_INDETERMINATE, "indeterminate"), (_ABSENT, "absent"), (_PRESENT, "present")),
+        )
+        if hit and hit[0].start() < 25:
+            return Mention(match.start(), match.end() + hit[0].end(), hit[1])
         if re.search(r"\bno\s+(?:\w+\s+)?$|without\s+$|negative\s+for\s+$", before, re.IGNORECASE):
             return Mention(match.start() - len(before), match.end(), "absent")
         if re.search(r"(?:with|shows?|there\s+is|present)\s+$", before, re.IGNORECASE):
             return Mention(match.start(), match.end(), "present")
     return None
-
-
-# --- Histologic type ------------------------------------------------------------------------
-
-ICDO3 = re.compile(r"(?<![0-9/])(?:M\s?[-:]?\s?)?(?P<code>[89]\d{3})\s?/\s?(?P<b>[0-3])(?![0-9])")
-HISTOLOGIC_LABEL = re.compile(
-    r"histologic(?:al)?\s+type\s*[:\-]\s*(?P<type>[^.;]{3,80})", re.IGNORECASE
-)
-
-#: Common histologic types and their ICD-O-3 morphology codes, most specific first.
-HISTOLOGIC_TYPES: tuple[tuple[str, str, str], ...] = (
-    (
-        r"infiltrating\s+duct(?:al)?\s+and\s+lobular|mixed\s+ductal\s+and\s+lobular",
-        "invasive ductal and lobular carcinoma",
-        "8522/3",
-    ),
-    (r"(?:invasive|infiltrating)\s+lobular\s+carcinoma", "invasive lobular carcinoma", "8520/3"),
-    (
-        r"(?:invasive|infiltrating)\s+duct(?:al)?\s+carcinoma|invasive\s+carcinoma\s+of\s+no\s+special\s+type",
-        "invasive ductal carcinoma",
-        "8500/3",
-    ),
-    (r"ductal\s+carcinoma\s+in\s+situ", "ductal carcinoma in situ", "8500/2"),
-    (r"mucinous\s+adenocarcinoma|colloid\s+carcinoma", "mucinous adenocarcinoma", "8480/3"),
-    (r"signet[\s-]ring\s+cell\s+carcinoma", "signet ring cell carcinoma", "8490/3"),
-    (
-        r"papillary\s+(?:thyroid\s+)?carcinoma[^.;]{0,40}follicular\s+variant|follicular\s+variant\s+of\s+papillary",
-        "papillary carcinoma, follicular variant",
-        "8340/3",
-    ),
-    (
-        r"papillary\s+(?:thyroid\s+)?carcinoma[^.;]{0,30}tall\s+cell|tall\s+cell\s+variant",
-        "papillary carcinoma, tall cell variant",
-        "8344/3",
-    ),
-    (r"papillary\s+(?:thyroid\s+)?carcinoma", "papillary thyroid carcinoma", "8260/3"),
-    (r"follicular\s+(?:thyroid\s+)?carcinoma", "follicular carcinoma", "8330/3"),
-    (
-        r"clear[\s-]cell\s+renal\s+cell\s+carcinoma|renal\s+cell\s+carcinoma[^.;]{0,30}clear\s+cell",
-        "clear cell renal cell carcinoma",
-        "8310/3",
-    ),
-    (
-        r"papillary\s+renal\s+cell\s+carcinoma|renal\s+cell\s+carcinoma[^.;]{0,30}papillary",
-        "papillary renal cell carcinoma",
-        "8260/3",
-    ),
-    (r"chromophobe", "chromophobe renal cell carcinoma", "8317/3"),
-    (r"hepatocellular\s+carcinoma", "hepatocellular carcinoma", "8170/3"),
-    (r"cholangiocarcinoma", "cholangiocarcinoma", "8160/3"),
-    (r"urothelial\s+carcinoma|transitional\s+cell\s+carcinoma", "urothelial carcinoma", "8120/3"),
-    (
-        r"squamous\s+cell\s+carcinoma|squamous\s+carcinoma|epidermoid\s+carcinoma",
-        "squamous cell carcinoma",
-        "8070/3",
-    ),
-    (r"mesothelioma", "mesothelioma", "9050/3"),
-    (r"seminoma", "seminoma", "9061/3"),
-    (
-        r"adrenal\s+cortical\s+carcinoma|adrenocortical\s+carcinoma",
-        "adrenal cortical carcinoma",
-        "8370/3",
-    ),
-    (r"melanoma", "melanoma", "8720/3"),
-    (
-        r"acinar\s+(?:type\s+)?adenocarcinoma|prostatic\s+adenocarcinoma|adenocarcinoma\s+of\s+(?:the\s+)?prostate",
-        "acinar adenocarcinoma",
-        "8140/3",
-    ),
-    (r"adenocarcinoma", "adenocarcinoma", "8140/3"),
-    (r"carcinoma", "carcinoma", "8010/3"),
-)
-
-
-def histologic_type(text: str) -> tuple[Mention | None, Mention | None]:
-    """(type, ICD-O-3 code): a written code wins; else the first listed type the text names,
-    preferring the synoptic "Histologic type:" line."""
-    code = ICDO3.search(text)
-    code_mention = (
-        Mention(code.start(), code.end(), f"{code.group('code')}/{code.group('b')}")
-        if code
-        else None
-    )
-    label = HISTOLOGIC_LABEL.search(text)
-    regions = [(label.start("type"), label.group("type"))] if label else []
-    regions.append((0, text))
-    for offset, region in regions:
-        for pattern, name, icd in HISTOLOGIC_TYPES:
-            match = re.search(pattern, region, re.IGNORECASE)
-            if match:
-                found = Mention(offset + match.start(), offset + match.end(), name)
-                return found, code_mention or Mention(found.start, found.end, icd)
-    return None, code_mention
