@@ -17,18 +17,20 @@ _SUM = re.compile(
     r"|gleason(?:'?s)?[^.;\d]{0,40}?(?P<total2>10|[2-9])[\s.]*\(\s*(?P<p2>[1-5])\s*\+\s*(?P<s2>[1-5])\s*\)",
     re.IGNORECASE,
 )
-_PRIMARY = re.compile(
-    r"primary\s+(?:gleason\s+)?(?:grade|pattern)(?:\s*\(?gleason\)?)?\s*[:=\-]?\s*(?:grade\s*|pattern\s*)?(?P<v>[1-5])\b",
-    re.IGNORECASE,
-)
-_SECONDARY = re.compile(
-    r"secondary\s+(?:gleason\s+)?(?:grade|pattern)(?:\s*\(?gleason\)?)?\s*[:=\-]?\s*(?:grade\s*|pattern\s*)?(?P<v>[1-5])\b",
-    re.IGNORECASE,
-)
-_TERTIARY = re.compile(
-    r"tertiary\s+(?:gleason\s+)?(?:grade|pattern)\s*[:=\-]?\s*(?:grade\s*|pattern\s*)?(?P<v>[3-5])\b",
-    re.IGNORECASE,
-)
+
+
+def _pattern_line(rank: str, values: str) -> re.Pattern:
+    """A labelled pattern: "PRIMARY GLEASON GRADE: 4", "Secondary pattern: grade 3"."""
+    return re.compile(
+        rf"{rank}\s+(?:gleason\s+)?(?:grade|pattern)(?:\s*\(?gleason\)?)?\s*[:=\-]?\s*"
+        rf"(?:grade\s*|pattern\s*)?(?P<v>[{values}])\b",
+        re.IGNORECASE,
+    )
+
+
+_PRIMARY = _pattern_line("primary", "1-5")
+_SECONDARY = _pattern_line("secondary", "1-5")
+_TERTIARY = _pattern_line("tertiary", "3-5")
 _TOTAL = re.compile(
     r"gleason\s+(?:sum|score|total)(?:\s+sum)?(?:\s+score)?\s*[:=\-]?\s*(?P<total>10|[2-9])\b(?!\s*\+)",
     re.IGNORECASE,

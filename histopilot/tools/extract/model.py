@@ -176,8 +176,9 @@ def extract_with_model(
     combined: bool = True,
 ) -> tuple[SynopticBase, list[str]]:
     """The filled schema for one report from ``model``, each value checked against its quote."""
+    organ = detect_organ(text)
     name = (
-        schema_for(detect_organ(text), text)
+        schema_for(organ, text)
         if schema == "auto"
         else schema_named(schema).model_fields["schema_name"].default
     )
@@ -189,7 +190,7 @@ def extract_with_model(
     ]
     # The rules run while the request is out: their CPU then costs no time on the critical path
     # when many requests are in flight.
-    by_rules = _RULES.submit(extract_with_rules, text, name) if combined else None
+    by_rules = _RULES.submit(extract_with_rules, text, name, organ=organ) if combined else None
     answer = _ask(model, answer_schema(name), messages)
     values: dict[str, Any] = {}
     warnings: list[str] = []

@@ -68,9 +68,12 @@ def reported(mention: Mention) -> dict[str, Any]:
     return payload
 
 
-def extract_with_rules(text: str, schema: str = "auto") -> tuple[SynopticBase, list[str]]:
-    """The filled schema for one report, and warnings about values that did not fit it."""
-    organ = detect_organ(text)
+def extract_with_rules(
+    text: str, schema: str = "auto", *, organ: str | None = None
+) -> tuple[SynopticBase, list[str]]:
+    """The filled schema for one report, and warnings about values that did not fit it.
+    ``organ`` is detected from the text unless a caller that already did passes it."""
+    organ = organ or detect_organ(text)
     name = (
         schema_for(organ, text)
         if schema == "auto"

@@ -19,7 +19,6 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_vali
 
 V = TypeVar("V")
 
-AJCC_EDITION = 8
 
 # --- Value types -----------------------------------------------------------------------------
 
