@@ -4,25 +4,40 @@ The orchestrator model answers free questions and calls tools: describe a region
 the analysis, or by level-0 box), run the full analysis, find similar patches or slides, search
 the knowledge base. Tool results that change what the thread knows (regions described, the
 analysis and its report) are written into the thread's state, so ``/regions`` and ``/report``
-show them and a later session resumes them. Free text needs a model; the slash commands work in
-every mode, offline included.
+show them and a later session resumes them.
+
+:meth:`ChatSession.turn` is one turn as a person types it, in the terminal or through the API:
+a slash command (``/analyze``, ``/describe``, ``/regions``, ``/report``, ``/help``) or a
+question. With an orchestrator model the question goes to the tool-calling agent and its words
+stream as they come; offline, the answer is read from the slide's analysis (run first when the
+thread has none), so every mode answers and every answer names the regions it rests on.
 """
 
 from __future__ import annotations
 
+import re
 import uuid
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Annotated, Any, TypedDict
+from typing import Annotated, Any, Literal, TypedDict
 
 import platformdirs
-from langchain_core.messages import AIMessage, AnyMessage, HumanMessage, SystemMessage, ToolMessage
+from langchain_core.messages import (
+    AIMessage,
+    AIMessageChunk,
+    AnyMessage,
+    HumanMessage,
+    SystemMessage,
+    ToolMessage,
+)
 from langchain_core.tools import BaseTool, InjectedToolCallId, tool
 from langgraph.checkpoint.base import BaseCheckpointSaver
 from langgraph.graph import START, StateGraph
 from langgraph.graph.message import add_messages
 from langgraph.prebuilt import InjectedState, ToolNode, tools_condition
 from langgraph.types import Command
+from pydantic import BaseModel
 
 from histopilot.agents.context import AgentContext, SlideWorkspace
 from histopilot.agents.describe import describe_region
@@ -39,6 +54,31 @@ from histopilot.agents.state import (
 )
 from histopilot.errors import HistopilotError, RegionError
 from histopilot.serve.offline import OfflineModel
+from histopilot.tools.report.document import Citation
+
+COMMANDS_HELP = """Commands: /analyze [question] runs the full analysis; /describe REGION
+describes one region (e.g. /describe T1.02); /regions lists the regions this thread knows;
+/report shows the draft report; /help shows this. Anything else is a question about the slide."""
+#: Regions an offline overview names, most suspicious first.
+OFFLINE_OVERVIEW_REGIONS = 3
+
+
+class ChatEvent(BaseModel):
+    """Something a turn reports while it runs: an agent's progress line, or the next piece of
+    the answer as the model writes it."""
+
+    kind: Literal["progress", "token"]
+    text: str
+
+
+class ChatReply(BaseModel):
+    """A finished turn: the answer and the regions it names, so a viewer can go to them."""
+
+    text: str
+    citations: list[Citation]
+
+
+EventCallback = Callable[[ChatEvent], None]
 
 
 class ChatState(TypedDict, total=False):
@@ -86,17 +126,89 @@ class ChatSession:
         model = self.context.models.get("orchestrator")
         if is_offline(model):
             (model or OfflineModel("orchestrator")).require("Free-text chat")
-        final = self.graph.invoke(
+        return self._ask_model(text, None)
+
+    def turn(self, text: str, on_event: EventCallback | None = None) -> ChatReply:
+        """One turn: a slash command or a question; ``on_event`` hears progress and tokens.
+
+        Errors a person can fix (an unknown region, a model that is down) raise
+        :class:`HistopilotError` and leave the thread as it was.
+        """
+        text = text.strip()
+        if not text:
+            raise HistopilotError("say something: a question, or /help for the commands.")
+        command, _, argument = text.partition(" ")
+        argument = argument.strip()
+        if command == "/help":
+            return ChatReply(text=COMMANDS_HELP, citations=[])
+        if command == "/regions":
+            return self._reply(regions_table(self.state))
+        if command == "/report":
+            state = self.state
+            if "report" not in state:
+                return ChatReply(text="No report yet: run /analyze first.", citations=[])
+            from histopilot.agents.outputs import report_markdown
+
+            return self._reply(report_markdown(state))
+        if command == "/analyze":
+            return self._reply(self.analyze(argument or None, on_event))
+        if command == "/describe":
+            finding = self.describe(argument)
+            return self._reply(f"{finding.region_id}: {finding.text}")
+        if command.startswith("/"):
+            raise HistopilotError(f"unknown command {command}; /help lists them.")
+        if is_offline(self.context.models.get("orchestrator")):
+            return self._reply(self._answer_offline(text, on_event))
+        return self._reply(self._ask_model(text, on_event))
+
+    def _reply(self, text: str) -> ChatReply:
+        return ChatReply(text=text, citations=cited_regions(text, self.state.get("regions", {})))
+
+    def _ask_model(self, text: str, on_event: EventCallback | None) -> str:
+        """The tool-calling agent's answer, its words passed to ``on_event`` as they stream."""
+        for mode, chunk in self.graph.stream(
             {"messages": [HumanMessage(text)], "slide_path": self.slide_path},
             self.config,
             context=self.context,
-        )
-        return final["messages"][-1].text
+            stream_mode=["messages", "custom"],
+        ):
+            if on_event is None:
+                continue
+            if mode == "custom" and isinstance(chunk, dict):
+                on_event(ChatEvent(kind="progress", text=str(chunk.get("progress", chunk))))
+            elif mode == "messages":
+                message, metadata = chunk
+                if (
+                    isinstance(message, AIMessageChunk | AIMessage)
+                    and metadata.get("langgraph_node") == "agent"
+                    and message.text
+                ):
+                    on_event(ChatEvent(kind="token", text=message.text))
+        return self.state["messages"][-1].text
 
-    def analyze(self, question: str | None = None) -> str:
+    def _answer_offline(self, question: str, on_event: EventCallback | None) -> str:
+        """Without a model: the analysis answers (run first when the thread has none)."""
+        if "diagnosis" not in self.state:
+            self.analyze(None, on_event)
+        answer = offline_answer(self.state, question)
+        self.graph.update_state(
+            self.config,
+            {"messages": [HumanMessage(question), AIMessage(answer)]},
+            as_node="agent",
+        )
+        if on_event is not None:
+            on_event(ChatEvent(kind="token", text=answer))
+        return answer
+
+    def analyze(self, question: str | None = None, on_event: EventCallback | None = None) -> str:
         """Run the full analysis and record it in this thread; returns its assessment."""
         update = analysis_update(
-            self.context, self.slide_path, self.checkpointer, question, self.thread_id
+            self.context,
+            self.slide_path,
+            self.checkpointer,
+            question,
+            self.thread_id,
+            on_progress=on_event and (lambda line: on_event(ChatEvent(kind="progress", text=line))),
         )
         statement = update["diagnosis"].statement
         self.graph.update_state(
@@ -148,6 +260,8 @@ def analysis_update(
     checkpointer: BaseCheckpointSaver,
     question: str | None,
     thread_id: str,
+    *,
+    on_progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Run the analysis in its own thread and return what the chat thread keeps of it.
 
@@ -160,6 +274,7 @@ def analysis_update(
         checkpointer,
         question=question,
         thread_id=f"{thread_id}:analysis:{uuid.uuid4().hex[:8]}",
+        on_progress=on_progress,
     )
     return {key: run.state[key] for key in ("regions", "findings", "diagnosis", "report")}
 
@@ -303,5 +418,78 @@ def _thread_summary(state: ChatState) -> str:
                 f"{r.id} {r.magnification} x={r.x} y={r.y} {r.width}×{r.height}"
                 for r in list(regions.values())[:30]
             )
+        )
+    return "\n".join(lines)
+
+
+def offline_answer(state: dict[str, Any], question: str) -> str:
+    """An answer read from the thread's analysis: the regions the question names, else the
+    assessment with the most suspicious regions. Honest about being offline."""
+    regions = state.get("regions", {})
+    findings = state.get("findings", {})
+    named = [
+        region_id
+        for region_id in sorted(regions)
+        if re.search(rf"(?<![\w.]){re.escape(region_id)}(?![\w])", question, re.IGNORECASE)
+    ]
+    if named:
+        lines = [
+            f"Region {region_id}: {findings[region_id].text}"
+            if region_id in findings
+            else f"Region {region_id} has not been described yet: /describe {region_id}."
+            for region_id in named
+        ]
+    else:
+        lines = [state["diagnosis"].statement]
+        suspicious = sorted(findings.values(), key=lambda f: (-f.suspicion, f.region_id))
+        if suspicious:
+            lines.append("The fields that weigh most:")
+            lines += [
+                f"- region {f.region_id}: {f.text}" for f in suspicious[:OFFLINE_OVERVIEW_REGIONS]
+            ]
+    lines.append(
+        "(Offline mode: this answer is read from the slide's analysis, not written for your "
+        "question; configure an orchestrator model for free-form answers. A draft for "
+        "pathologist review, not a diagnosis.)"
+    )
+    return "\n".join(lines)
+
+
+def cited_regions(text: str, regions: dict[str, Region]) -> list[Citation]:
+    """The thread's regions that ``text`` names, in the order it first names them."""
+    if not regions:
+        return []
+    names = "|".join(map(re.escape, sorted(regions, key=len, reverse=True)))
+    pattern = re.compile(rf"(?<![\w.])({names})(?!\w)")
+    seen: dict[str, Citation] = {}
+    for match in pattern.finditer(text):
+        seen.setdefault(match.group(1), citation_of(regions[match.group(1)]))
+    return list(seen.values())
+
+
+def citation_of(region: Region) -> Citation:
+    return Citation(
+        region_id=region.id,
+        x=region.x,
+        y=region.y,
+        width=region.width,
+        height=region.height,
+        magnification=region.magnification,
+    )
+
+
+def regions_table(state: dict[str, Any]) -> str:
+    """The thread's regions and their findings as a Markdown table."""
+    regions = state.get("regions", {})
+    if not regions:
+        return "No regions yet: run /analyze or describe a region."
+    findings = state.get("findings", {})
+    lines = ["| region | power | x | y | size | finding |", "| --- | --- | --- | --- | --- | --- |"]
+    for region in sorted(regions.values(), key=lambda r: r.id):
+        finding = findings.get(region.id)
+        text = finding.text[:90].replace("|", "\\|") if finding else ""
+        lines.append(
+            f"| {region.id} | {region.magnification} | {region.x} | {region.y} "
+            f"| {region.width}×{region.height} | {text} |"
         )
     return "\n".join(lines)
