@@ -476,7 +476,8 @@ def chat(
     """Chat with a slide in the terminal; the thread resumes across runs with --thread.
 
     Commands: /analyze [question], /describe REGION, /regions, /report, /help, /quit.
-    Free questions need an orchestrator model (see `histopilot models`).
+    Questions go to the orchestrator model (see `histopilot models`); offline, they are
+    answered from the slide's analysis.
     """
     import platformdirs
 
@@ -505,62 +506,25 @@ def chat(
 
 
 def _chat_loop(session, console: Console) -> None:
-    from histopilot.agents.outputs import report_markdown
+    def show_progress(event) -> None:
+        if event.kind == "progress":
+            stderr.print(f"[dim]{escape(event.text)}[/]", highlight=False)
 
     while True:
         try:
             line = console.input("[bold]you>[/] ").strip()
         except (EOFError, KeyboardInterrupt):
             break
+        if line in ("/quit", "/exit"):
+            break
         if not line:
             continue
-        command, _, argument = line.partition(" ")
         try:
-            if command in ("/quit", "/exit"):
-                break
-            if command == "/help":
-                console.print(escape(chat.__doc__ or ""), highlight=False)
-            elif command == "/regions":
-                _print_regions(session.state, console)
-            elif command == "/report":
-                state = session.state
-                console.print(
-                    escape(report_markdown(state))
-                    if "report" in state
-                    else "No report yet: run /analyze first.",
-                    highlight=False,
-                )
-            elif command == "/analyze":
-                console.print(escape(session.analyze(argument or None)), highlight=False)
-            elif command == "/describe":
-                finding = session.describe(argument.strip())
-                console.print(f"{finding.region_id}: {escape(finding.text)}", highlight=False)
-            elif command.startswith("/"):
-                console.print(f"unknown command {escape(command)}; /help lists them.")
-            else:
-                console.print(f"[bold]histopilot>[/] {escape(session.ask(line))}", highlight=False)
+            reply = session.turn(line, show_progress)
         except HistopilotError as error:
             console.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False)
-
-
-def _print_regions(state: dict, console: Console) -> None:
-    regions = state.get("regions", {})
-    if not regions:
-        console.print("No regions yet: run /analyze or describe a region.")
-        return
-    findings = state.get("findings", {})
-    table = Table("region", "power", "x", "y", "size", "finding")
-    for region in sorted(regions.values(), key=lambda r: r.id):
-        finding = findings.get(region.id)
-        table.add_row(
-            region.id,
-            region.magnification,
-            str(region.x),
-            str(region.y),
-            f"{region.width}×{region.height}",
-            escape(finding.text[:90]) if finding else "",
-        )
-    console.print(table)
+            continue
+        console.print(f"[bold]histopilot>[/] {escape(reply.text)}", highlight=False)
 
 
 # -- demo -----------------------------------------------------------------------------------
@@ -685,6 +649,71 @@ def _served_api_key(plan: LaunchPlan, config: HistopilotConfig) -> str | None:
             "roles served here name different API keys; one server accepts one key"
         )
     return keys.pop() if keys else None
+
+
+# -- HTTP server ------------------------------------------------------------------------------
+@app.command("serve")
+@reports_user_errors
+def serve(
+    host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=0, max=65535)] = 8000,
+    slides: Annotated[
+        list[Path] | None,
+        typer.Option("--slides", help="A folder of slides to serve (repeat for more)."),
+    ] = None,
+    data_dir: Annotated[
+        Path | None,
+        typer.Option("--data-dir", help="Threads, analyses and uploads (default: user data)."),
+    ] = None,
+    config: ConfigPath = None,
+    profile: Profile = None,
+) -> None:
+    """Serve the web viewer with chat, the slide tiles, the agents (an OpenAI-compatible chat
+    endpoint) and extraction over HTTP; the API is documented at /docs."""
+    import platformdirs
+    import uvicorn
+
+    from histopilot.serve.api.app import create_app
+    from histopilot.serve.api.security import is_loopback
+
+    resolved = load_config(config, profile=profile)
+    server = resolved.server
+    if not server.tokens and not is_loopback(host):
+        raise HistopilotError(
+            f"refusing to serve on {host} without authentication: add tokens under "
+            '[server.tokens] in histopilot.toml (user = "<token>"), or bind to 127.0.0.1.'
+        )
+    data = data_dir or Path(
+        server.data_dir or Path(platformdirs.user_data_dir("histopilot")) / "server"
+    )
+    roots = [Path(root).expanduser() for root in [*server.slide_roots, *(slides or [])]]
+    if not roots:
+        demo = data / "demo"
+        if not (demo / "demo-slide.tif").exists():
+            build_demo_slide(demo / "demo-slide.tif")
+        roots = [demo]
+        stderr.print(
+            "no --slides given: serving the built-in demo slide (uploads are accepted too).",
+            highlight=False,
+        )
+    if server.tokens:
+        stderr.print(f"authentication on: {len(server.tokens)} token(s)", highlight=False)
+    else:
+        stderr.print(
+            escape(
+                f"authentication off: bound to loopback {host} (add [server.tokens] to serve "
+                "other hosts)"
+            ),
+            highlight=False,
+        )
+    stderr.print(f"histopilot at http://{host}:{port}/ (API docs at /docs)", highlight=False)
+    uvicorn.run(
+        create_app(resolved, slide_roots=roots, data_dir=data),
+        host=host,
+        port=port,
+        log_level="info",
+        timeout_graceful_shutdown=5,
+    )
 
 
 # -- index and search -----------------------------------------------------------------------

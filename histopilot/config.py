@@ -31,6 +31,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    SecretStr,
     ValidationError,
     field_validator,
     model_validator,
@@ -240,6 +241,49 @@ class VLLMConfig(_Strict):
     startup_timeout_s: float = Field(900.0, gt=0.0, description="Wait this long for /health.")
 
 
+class ServerConfig(_Strict):
+    """How `histopilot serve` exposes slides, agents and extraction over HTTP."""
+
+    slide_roots: list[str] = Field(
+        default_factory=list,
+        description="Folders whose slides the server lists and serves (plus --slides).",
+    )
+    data_dir: str | None = Field(
+        None,
+        description="Threads, analyses and uploads (default: the user data folder).",
+    )
+    tokens: dict[str, SecretStr] = Field(
+        default_factory=dict,
+        description="Bearer tokens by user name; each user sees only their own threads and "
+        "analyses. With none, the server runs without authentication and only on loopback.",
+    )
+    max_upload_mb: float = Field(2048.0, gt=0.0, description="Largest slide upload, in MB.")
+    max_request_kb: int = Field(
+        1024, ge=1, description="Largest request body other than an upload, in KB."
+    )
+    rate_limit_per_minute: int = Field(
+        1200, ge=1, description="Requests per client per minute (tiles included)."
+    )
+    analysis_workers: int = Field(1, ge=1, le=64, description="Analyses run at once.")
+    tile_cache_mb: int = Field(256, ge=0, description="Encoded deep-zoom tiles kept in memory.")
+    tile_format: Literal["jpeg", "png"] = "jpeg"
+    tile_quality: int = Field(80, ge=1, le=100, description="JPEG quality of the tiles.")
+
+    @field_validator("tokens")
+    @classmethod
+    def _tokens_are_long_enough(cls, tokens: dict[str, SecretStr]) -> dict[str, SecretStr]:
+        secrets = [token.get_secret_value() for token in tokens.values()]
+        short = [user for user, secret in zip(tokens, secrets, strict=True) if len(secret) < 16]
+        if short:
+            raise ValueError(
+                "tokens must be at least 16 characters (e.g. `python -c 'import secrets; "
+                f"print(secrets.token_urlsafe(32))'`); too short for: {', '.join(short)}"
+            )
+        if len(set(secrets)) != len(secrets):
+            raise ValueError("two users share a token; give each user their own.")
+        return tokens
+
+
 class HistopilotConfig(_Strict):
     """The resolved configuration. Build it with :func:`load_config`."""
 
@@ -248,6 +292,7 @@ class HistopilotConfig(_Strict):
     encoders: EncoderConfig = EncoderConfig()
     agents: AgentsConfig = AgentsConfig()
     vllm: VLLMConfig = VLLMConfig()
+    server: ServerConfig = ServerConfig()
     sources: list[str] = Field(
         default_factory=list,
         description="Where the values came from, lowest precedence first (for `models`).",

@@ -162,7 +162,7 @@ def test_offline_chat_commands_and_a_resumed_thread(wsi_dir: Path, isolated) -> 
     assert "thread case-7" in first.stdout
     assert "T1.01" in first.stdout and "low" in first.stdout  # the regions table
     assert "## Differential" in first.stdout  # the report
-    assert "needs a language model" in first.stdout  # free text, offline: explained
+    assert "Offline mode" in first.stdout  # free text, offline: read from the analysis
     assert "T1.01: low-power field" in first.stdout
 
     resumed = runner.invoke(app, ["chat", slide, "--thread", "case-7"], input="/regions\n")

@@ -85,21 +85,30 @@ def overlay_heatmap(
     NaN cells and cells outside ``mask`` are left transparent, so background stays readable.
     """
     height, width = overview.shape[:2]
-    values = np.nan_to_num(heatmap.astype(np.float32), nan=-1.0)
-    values = cv2.resize(values, (width, height), interpolation=cv2.INTER_NEAREST)
-    visible = values >= 0
+    values = cv2.resize(
+        heatmap.astype(np.float32), (width, height), interpolation=cv2.INTER_NEAREST
+    )
+    rgba = heatmap_colours(values)
+    visible = rgba[..., 3] > 0
     if mask is not None:
         visible &= cv2.resize(
             mask.astype(np.uint8), (width, height), interpolation=cv2.INTER_NEAREST
         ).astype(bool)
-    colours = cv2.applyColorMap(
-        (np.clip(values, 0, 1) * 255).astype(np.uint8), cv2.COLORMAP_VIRIDIS
-    )[..., ::-1]
     canvas = overview.copy()
     canvas[visible] = (
-        canvas[visible] * (1 - alpha) + colours[visible].astype(np.float32) * alpha
+        canvas[visible] * (1 - alpha) + rgba[..., :3][visible].astype(np.float32) * alpha
     ).astype(np.uint8)
     return canvas
+
+
+def heatmap_colours(values: np.ndarray) -> np.ndarray:
+    """RGBA viridis colours of [0, 1] ``values``; NaN cells fully transparent."""
+    known = ~np.isnan(values)
+    colours = cv2.applyColorMap(
+        (np.clip(np.nan_to_num(values, nan=0.0), 0, 1) * 255).astype(np.uint8),
+        cv2.COLORMAP_VIRIDIS,
+    )[..., ::-1]
+    return np.dstack([colours, np.where(known, 255, 0).astype(np.uint8)])
 
 
 def save_png(image: np.ndarray, path: str | Path) -> Path:

@@ -1,0 +1,244 @@
+"""``POST /v1/chat/completions``: the chat agent behind OpenAI's chat-completions wire format.
+
+Any OpenAI client can talk to the assistant. The request names its slide and thread in the
+``metadata`` object (``{"slide": "<id or name>", "thread_id": "…"}``); without a thread id a
+new thread starts. The thread keeps the conversation, so only the last user message of the
+request is the new turn (earlier messages are what the client remembers of the same thread).
+
+What is not text travels in a ``histopilot`` object beside the standard fields: in a stream,
+chunks whose ``histopilot.event`` is ``thread`` (first), ``progress`` (an agent step),
+``citations`` (the regions the answer names, with their level-0 boxes) or ``error``; in a
+plain response, ``histopilot`` holds the thread id, the citations and the progress lines.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Literal
+
+from langgraph.checkpoint.base import BaseCheckpointSaver
+from pydantic import BaseModel, ConfigDict, Field
+
+from histopilot.agents.chat import ChatEvent, ChatReply, ChatSession
+from histopilot.agents.context import AgentContext
+from histopilot.errors import HistopilotError
+from histopilot.serve.api.catalog import CatalogSlide
+from histopilot.tools.report.document import Citation
+
+log = logging.getLogger(__name__)
+MODEL_ID = "histopilot"
+MAX_MESSAGE_CHARS = 8000
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["text"]
+    text: str = Field(max_length=MAX_MESSAGE_CHARS)
+
+
+class ChatMessageIn(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+
+    @property
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "\n".join(part.text for part in self.content)
+        return self.content or ""
+
+
+class ChatRequest(BaseModel):
+    """The OpenAI chat-completions request fields histopilot reads; others are ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = MODEL_ID
+    messages: list[ChatMessageIn] = Field(min_length=1, max_length=500)
+    stream: bool = False
+    metadata: dict[str, str] | None = Field(
+        None, description="'slide' (id or name) and 'thread_id' (omit to start a new thread)."
+    )
+
+    def new_turn(self) -> str:
+        users = [m for m in self.messages if m.role == "user"]
+        if not users or not users[-1].text.strip():
+            raise HistopilotError("the request has no user message with text to answer.")
+        text = users[-1].text
+        if len(text) > MAX_MESSAGE_CHARS:
+            raise HistopilotError(f"a message may be at most {MAX_MESSAGE_CHARS} characters.")
+        return text
+
+
+class HistopilotExtras(BaseModel):
+    thread_id: str
+    slide: str
+    citations: list[Citation]
+    progress: list[str]
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class Choice(BaseModel):
+    index: int = 0
+    message: AssistantMessage
+    finish_reason: Literal["stop"] = "stop"
+
+
+class Usage(BaseModel):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str = MODEL_ID
+    choices: list[Choice]
+    usage: Usage = Usage()
+    histopilot: HistopilotExtras
+
+
+class ThreadBusyError(HistopilotError):
+    """A turn is already running in this thread."""
+
+
+class ChatTurns:
+    """Runs chat turns on worker threads, one at a time per thread."""
+
+    def __init__(
+        self, context: AgentContext, checkpointer: BaseCheckpointSaver, *, workers: int = 4
+    ) -> None:
+        self.context = context
+        self.checkpointer = checkpointer
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="chat")
+        self._busy: set[str] = set()
+        self._lock = threading.Lock()
+
+    def session(self, slide: CatalogSlide, thread_id: str) -> ChatSession:
+        return ChatSession(self.context, slide.path, self.checkpointer, thread_id=thread_id)
+
+    def complete(self, slide: CatalogSlide, thread_id: str, text: str) -> ChatCompletion:
+        """A whole answer (blocking: call it off the event loop)."""
+        progress: list[str] = []
+
+        def heard(event: ChatEvent) -> None:
+            if event.kind == "progress":
+                progress.append(event.text)
+
+        reply = self._run(slide, thread_id, text, heard)
+        return ChatCompletion(
+            id=_completion_id(),
+            created=int(time.time()),
+            choices=[Choice(message=AssistantMessage(content=reply.text))],
+            histopilot=HistopilotExtras(
+                thread_id=thread_id, slide=slide.id, citations=reply.citations, progress=progress
+            ),
+        )
+
+    def stream(self, slide: CatalogSlide, thread_id: str, text: str) -> Iterator[str]:
+        """Server-sent events of OpenAI ``chat.completion.chunk`` objects, ending in [DONE].
+
+        The turn runs on a worker thread and finishes (and is saved) even if the client goes
+        away; this iterator only relays what it hears.
+        """
+        self._claim(thread_id)
+        events: queue.Queue[tuple[str, Any]] = queue.Queue()
+
+        def turn() -> None:
+            try:
+                session = self.session(slide, thread_id)
+                reply = session.turn(text, lambda event: events.put(("event", event)))
+                events.put(("reply", reply))
+            except HistopilotError as error:
+                events.put(("error", str(error)))
+            except Exception as error:  # reported to the client, never a dead stream
+                log.exception("chat turn in %s failed", thread_id)
+                events.put(("error", f"internal error ({type(error).__name__})"))
+            finally:
+                self._release(thread_id)
+
+        self._pool.submit(turn)
+        return _chunks(events, thread_id, slide.id)
+
+    def _run(self, slide: CatalogSlide, thread_id: str, text: str, heard) -> ChatReply:
+        self._claim(thread_id)
+        try:
+            return self.session(slide, thread_id).turn(text, heard)
+        finally:
+            self._release(thread_id)
+
+    def _claim(self, thread_id: str) -> None:
+        with self._lock:
+            if thread_id in self._busy:
+                raise ThreadBusyError(
+                    f"a turn is already running in thread {thread_id}; wait for its answer."
+                )
+            self._busy.add(thread_id)
+
+    def _release(self, thread_id: str) -> None:
+        with self._lock:
+            self._busy.discard(thread_id)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _chunks(events: queue.Queue, thread_id: str, slide_id: str) -> Iterator[str]:
+    completion_id = _completion_id()
+    created = int(time.time())
+
+    def chunk(delta: dict, *, finish: str | None = None, extras: dict | None = None) -> str:
+        body: dict[str, Any] = {
+            "id": completion_id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": MODEL_ID,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+        }
+        if extras is not None:
+            body["histopilot"] = extras
+        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+    yield chunk(
+        {"role": "assistant", "content": ""},
+        extras={"event": "thread", "thread_id": thread_id, "slide": slide_id},
+    )
+    while True:
+        try:
+            kind, value = events.get(timeout=15.0)
+        except queue.Empty:
+            yield ": still working\n\n"  # an SSE comment keeps proxies from closing the stream
+            continue
+        if kind == "event" and value.kind == "progress":
+            yield chunk({}, extras={"event": "progress", "text": value.text})
+        elif kind == "event":
+            yield chunk({"content": value.text})
+        elif kind == "reply":
+            citations = [c.model_dump() for c in value.citations]
+            yield chunk({}, extras={"event": "citations", "citations": citations})
+            yield chunk({}, finish="stop")
+            break
+        else:
+            error = {"message": value, "type": "histopilot_error", "code": 400}
+            yield f"data: {json.dumps({'error': error}, ensure_ascii=False)}\n\n"
+            break
+    yield "data: [DONE]\n\n"
+
+
+def _completion_id() -> str:
+    return f"chatcmpl-{uuid.uuid4().hex[:24]}"

@@ -1,0 +1,90 @@
+"""Chat threads: list, read back (messages, regions, citations), delete."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Response
+from fastapi.concurrency import run_in_threadpool
+from langchain_core.messages import AIMessage, HumanMessage
+from pydantic import BaseModel
+
+from histopilot.agents.chat import citation_of, cited_regions
+from histopilot.serve.api.registry import ThreadRecord
+from histopilot.serve.api.state import NotFoundError, ServerState, State, User
+from histopilot.tools.report.document import Citation
+
+router = APIRouter(prefix="/v1/threads", tags=["threads"])
+
+
+class ThreadList(BaseModel):
+    data: list[ThreadRecord]
+
+
+class ThreadMessage(BaseModel):
+    role: str
+    content: str
+    citations: list[Citation]
+
+
+class RegionView(Citation):
+    finding: str | None
+
+
+class ThreadHistory(BaseModel):
+    thread: ThreadRecord
+    messages: list[ThreadMessage]
+    regions: list[RegionView]
+    assessment: str | None
+
+
+@router.get("")
+def list_threads(state: State, user: User) -> ThreadList:
+    return ThreadList(data=state.registry.threads(user))
+
+
+@router.get("/{thread_id}")
+async def thread_history(thread_id: str, state: State, user: User) -> ThreadHistory:
+    record = _own_thread(state, user, thread_id)
+
+    def read() -> ThreadHistory:
+        saved = state.checkpointer.get_tuple({"configurable": {"thread_id": thread_id}})
+        values = saved.checkpoint["channel_values"] if saved else {}
+        regions = values.get("regions", {})
+        findings = values.get("findings", {})
+        messages = [
+            ThreadMessage(
+                role="user" if isinstance(m, HumanMessage) else "assistant",
+                content=m.text,
+                citations=cited_regions(m.text, regions) if isinstance(m, AIMessage) else [],
+            )
+            for m in values.get("messages", [])
+            if isinstance(m, HumanMessage) or (isinstance(m, AIMessage) and m.text)
+        ]
+        return ThreadHistory(
+            thread=record,
+            messages=messages,
+            regions=[
+                RegionView(
+                    **citation_of(region).model_dump(),
+                    finding=findings[region.id].text if region.id in findings else None,
+                )
+                for region in sorted(regions.values(), key=lambda r: r.id)
+            ],
+            assessment=values["diagnosis"].statement if "diagnosis" in values else None,
+        )
+
+    return await run_in_threadpool(read)
+
+
+@router.delete("/{thread_id}", status_code=204, response_class=Response)
+async def delete_thread(thread_id: str, state: State, user: User) -> Response:
+    _own_thread(state, user, thread_id)
+    await run_in_threadpool(state.checkpointer.delete_thread, thread_id)
+    state.registry.delete_thread(user, thread_id)
+    return Response(status_code=204)
+
+
+def _own_thread(state: ServerState, user: str, thread_id: str) -> ThreadRecord:
+    record = state.registry.thread(user, thread_id)
+    if record is None:
+        raise NotFoundError(f"no thread {thread_id!r}.")
+    return record
