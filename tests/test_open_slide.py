@@ -298,3 +298,49 @@ def test_image_editor_dpi_is_not_taken_for_a_microscope(tmp_path: Path) -> None:
     with open_slide(path) as slide:
         assert slide.info.mpp is not None
         assert slide.info.mpp.x == pytest.approx(0.25)
+
+
+def _ome_tiff(path: Path, pixels: np.ndarray, tiff_data: str, own_uuid: str) -> Path:
+    """A two-channel OME-TIFF whose ``TiffData`` elements say where each channel lives."""
+    import tifffile
+
+    xml = (
+        '<?xml version="1.0" encoding="UTF-8"?>'
+        '<OME xmlns="http://www.openmicroscopy.org/Schemas/OME/2016-06" '
+        f'UUID="urn:uuid:{own_uuid}"><Image ID="Image:0"><Pixels ID="Pixels:0" '
+        'DimensionOrder="XYCZT" Type="uint8" SizeX="64" SizeY="64" SizeC="2" SizeZ="1" '
+        'SizeT="1"><Channel ID="Channel:0:0" SamplesPerPixel="1"/>'
+        f'<Channel ID="Channel:0:1" SamplesPerPixel="1"/>{tiff_data}</Pixels></Image></OME>'
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tifffile.imwrite(path, pixels, description=xml, metadata=None)
+    return path
+
+
+def test_an_ome_tiff_never_reads_the_files_its_metadata_names(tmp_path: Path) -> None:
+    """An uploaded OME-TIFF that points its second channel at a file elsewhere on the server
+    must not show that file's pixels: what it shows cannot depend on that file."""
+    secret_uuid = "0f6d8b52-0000-4000-8000-000000000001"
+    elsewhere = (
+        '<TiffData FirstC="0" IFD="0" PlaneCount="1"/><TiffData FirstC="1" IFD="0" '
+        f'PlaneCount="1"><UUID FileName="../private/secret.ome.tif">urn:uuid:{secret_uuid}'
+        "</UUID></TiffData>"
+    )
+    upload = _ome_tiff(
+        tmp_path / "uploads" / "evil.ome.tif",
+        np.full((64, 64), 40, np.uint8),
+        elsewhere,
+        "0f6d8b52-0000-4000-8000-000000000002",
+    )
+    seen = []
+    for secret_value in (0, 250):
+        _ome_tiff(
+            tmp_path / "private" / "secret.ome.tif",
+            np.full((2, 64, 64), secret_value, np.uint8),
+            '<TiffData FirstC="0" IFD="0" PlaneCount="1"/>'
+            '<TiffData FirstC="1" IFD="1" PlaneCount="1"/>',
+            secret_uuid,
+        )
+        with open_slide(upload) as slide:
+            seen.append(slide.read_region(0, 0, 0, 64, 64))
+    assert np.array_equal(seen[0], seen[1])

@@ -35,7 +35,9 @@ class TiffReader(SlideReader):
     def __init__(self, path: Path) -> None:
         self._path = path
         try:
-            self._tiff = tifffile.TiffFile(path)
+            # One file only: an OME-TIFF can name other files (any path) in its metadata, and a
+            # slide must never read pixels from outside itself.
+            self._tiff = tifffile.TiffFile(path, _multifile=False)
             series = self._tiff.series[0]
             self._levels = list(series.levels)
         except (tifffile.TiffFileError, OSError, ValueError, IndexError, KeyError) as error:
