@@ -683,9 +683,10 @@ def serve(
             f"refusing to serve on {host} without authentication: add tokens under "
             '[server.tokens] in histopilot.toml (user = "<token>"), or bind to 127.0.0.1.'
         )
-    data = data_dir or Path(
-        server.data_dir or Path(platformdirs.user_data_dir("histopilot")) / "server"
-    )
+    data = (
+        data_dir
+        or Path(server.data_dir or Path(platformdirs.user_data_dir("histopilot")) / "server")
+    ).expanduser()
     roots = [Path(root).expanduser() for root in [*server.slide_roots, *(slides or [])]]
     if not roots:
         demo = data / "demo"

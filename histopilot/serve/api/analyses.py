@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -22,11 +21,18 @@ from histopilot.agents.context import AgentContext
 from histopilot.agents.outputs import write_outputs
 from histopilot.agents.run import run_analysis
 from histopilot.errors import HistopilotError
+from histopilot.serve.api.background import background_pool
 from histopilot.serve.api.catalog import CatalogSlide
 from histopilot.serve.api.registry import AnalysisRecord, Registry
 from histopilot.storage import atomic_directory
 
 log = logging.getLogger(__name__)
+#: Analyses one user may have queued or running at once.
+MAX_PENDING_PER_USER = 4
+
+
+class TooManyAnalysesError(HistopilotError):
+    """A user asked for more analyses than may wait at once."""
 
 
 class AnalysisJobs:
@@ -43,7 +49,7 @@ class AnalysisJobs:
         self.context = context
         self.checkpointer = checkpointer
         self.folder = folder
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="analysis")
+        self._pool = background_pool(workers, "analysis")
 
     def start(
         self,
@@ -53,6 +59,11 @@ class AnalysisJobs:
         settings: dict[str, Any],
     ) -> AnalysisRecord:
         """Queue an analysis; ``settings`` override ``[agents]`` for this run (validated)."""
+        pending = [a for a in self.registry.analyses(owner) if a.status in ("queued", "running")]
+        if len(pending) >= MAX_PENDING_PER_USER:
+            raise TooManyAnalysesError(
+                f"you have {len(pending)} analyses queued or running; start more when one ends."
+            )
         context = self.context
         if settings:
             try:
@@ -71,8 +82,8 @@ class AnalysisJobs:
     def _run(
         self, analysis_id: str, slide: CatalogSlide, question: str | None, context: AgentContext
     ) -> None:
-        self.registry.set_status(analysis_id, "running")
         try:
+            self.registry.set_status(analysis_id, "running")
             run = run_analysis(
                 slide.path,
                 context,
@@ -84,6 +95,17 @@ class AnalysisJobs:
             workspace = context.workspace(run.state["slide"])
             with atomic_directory(self.folder_of(analysis_id)) as out:
                 files = write_outputs(run.state, workspace, out, thread_id=analysis_id)
+            diagnosis = run.state["diagnosis"]
+            summary = {
+                "assessment": diagnosis.statement,
+                "label": diagnosis.label,
+                "confidence": diagnosis.confidence,
+                "indeterminate": diagnosis.indeterminate,
+                "regions": len(run.state.get("regions", {})),
+                "seconds": round(run.seconds, 2),
+                "files": sorted(Path(path).name for path in files.model_dump().values()),
+                "notice": run.state["report"].notice,
+            }
         except HistopilotError as error:
             self.registry.set_status(analysis_id, "failed", error=str(error))
             return
@@ -93,21 +115,7 @@ class AnalysisJobs:
                 analysis_id, "failed", error=f"internal error ({type(error).__name__})"
             )
             return
-        diagnosis = run.state["diagnosis"]
-        self.registry.set_status(
-            analysis_id,
-            "done",
-            summary={
-                "assessment": diagnosis.statement,
-                "label": diagnosis.label,
-                "confidence": diagnosis.confidence,
-                "indeterminate": diagnosis.indeterminate,
-                "regions": len(run.state.get("regions", {})),
-                "seconds": round(run.seconds, 2),
-                "files": sorted(Path(path).name for path in files.model_dump().values()),
-                "notice": run.state["report"].notice,
-            },
-        )
+        self.registry.set_status(analysis_id, "done", summary=summary)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -20,6 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from histopilot import __version__
 from histopilot.agents.checkpoints import open_checkpointer
@@ -30,7 +31,8 @@ from histopilot.errors import (
     ModelRequestError,
     ModelUnavailableError,
 )
-from histopilot.serve.api.analyses import AnalysisJobs
+from histopilot.serve.api.analyses import AnalysisJobs, TooManyAnalysesError
+from histopilot.serve.api.background import background_pool
 from histopilot.serve.api.catalog import (
     SlideCatalog,
     UnknownSlideError,
@@ -48,24 +50,36 @@ from histopilot.serve.api.security import (
     RateLimiter,
 )
 from histopilot.serve.api.state import ConflictError, NotFoundError, ServerState
-from histopilot.serve.api.tiles import TileRequestError, TileService
+from histopilot.serve.api.tiles import TileRequestError, TileService, UnreadableSlideError
 
 log = logging.getLogger(__name__)
+#: Chat turns and triage maps that run at once; more wait their turn.
+AGENT_WORKERS = 4
 WEB = resources.files("histopilot.serve") / "web"
 _STATUS: tuple[tuple[type[Exception], int], ...] = (
     (UnknownSlideError, 404),
     (NotFoundError, 404),
     (TileRequestError, 404),
+    (UnreadableSlideError, 422),
     (UploadTooLargeError, 413),
     (UnsupportedUploadError, 415),
     (ThreadBusyError, 409),
     (ConflictError, 409),
+    (TooManyAnalysesError, 429),
     (ModelUnavailableError, 503),
     (ModelRequestError, 502),
 )
 _PAGE_POLICY = (
     "default-src 'self'; img-src 'self' data: blob:; style-src 'self'; script-src 'self'; "
     "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'"
+)
+#: FastAPI's /docs and /redoc pages load their scripts from a CDN and start them inline.
+_DOCS_PATHS = ("/docs", "/redoc")
+_DOCS_POLICY = (
+    "default-src 'self'; img-src 'self' data: https://fastapi.tiangolo.com; "
+    "style-src 'self' 'unsafe-inline' https://cdn.jsdelivr.net; "
+    "script-src 'self' 'unsafe-inline' https://cdn.jsdelivr.net; "
+    "worker-src blob:; connect-src 'self'; frame-ancestors 'none'"
 )
 
 
@@ -104,13 +118,7 @@ def create_app(
         app.include_router(router)
     _add_error_handlers(app)
 
-    @app.middleware("http")
-    async def safety_headers(request: Request, call_next):
-        response = await call_next(request)
-        response.headers.setdefault("X-Content-Type-Options", "nosniff")
-        response.headers.setdefault("Referrer-Policy", "no-referrer")
-        response.headers.setdefault("Content-Security-Policy", _PAGE_POLICY)
-        return response
+    app.add_middleware(SafetyHeaders)
 
     @app.get("/health", tags=["server"])
     def health(request: Request) -> dict[str, Any]:
@@ -128,6 +136,36 @@ def create_app(
 
     app.mount("/web", StaticFiles(directory=str(WEB)), name="web")
     return app
+
+
+class SafetyHeaders:
+    """ASGI middleware: no MIME sniffing, no referrer, and a strict content policy by default
+    (a response that sets its own policy keeps it)."""
+
+    _HEADERS = ((b"x-content-type-options", b"nosniff"), (b"referrer-policy", b"no-referrer"))
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        docs = scope["path"].startswith(_DOCS_PATHS)
+        policy = (_DOCS_POLICY if docs else _PAGE_POLICY).encode()
+
+        async def with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                present = {name.lower() for name, _ in message.get("headers", [])}
+                wanted = (*self._HEADERS, (b"content-security-policy", policy))
+                message["headers"] = [
+                    *message.get("headers", []),
+                    *((name, value) for name, value in wanted if name not in present),
+                ]
+            await send(message)
+
+        await self.app(scope, receive, with_headers)
 
 
 def _build_state(
@@ -159,21 +197,21 @@ def _build_state(
         registry, context, checkpointer, data_dir / "analyses", workers=server.analysis_workers
     )
     stack.callback(jobs.close)
-    chats = ChatTurns(context, checkpointer)
-    stack.callback(chats.close)
+    agents = background_pool(AGENT_WORKERS, "agents")
+    stack.callback(agents.shutdown, wait=False, cancel_futures=True)
     return ServerState(
         config=config,
-        data_dir=data_dir,
-        catalog=SlideCatalog(slide_roots, data_dir / "uploads"),
+        catalog=SlideCatalog(slide_roots, data_dir / "uploads", exclude=data_dir),
         tiles=tiles,
         registry=registry,
         context=context,
         checkpointer=checkpointer,
         jobs=jobs,
-        chats=chats,
+        chats=ChatTurns(context, checkpointer, agents),
         auth=Authenticator(dict(server.tokens)),
         limiter=RateLimiter(server.rate_limit_per_minute),
         extractor=_extractor(config),
+        agents=agents,
     )
 
 

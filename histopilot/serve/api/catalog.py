@@ -10,12 +10,14 @@ outside the roots: a key that is not in the catalog is simply an unknown slide.
 from __future__ import annotations
 
 import hashlib
+import logging
+import os
 import re
 import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import anyio
@@ -25,11 +27,15 @@ from histopilot.errors import HistopilotError
 from histopilot.slide import open_slide
 from histopilot.slide.readers import SUPPORTED_EXTENSIONS
 
+log = logging.getLogger(__name__)
 #: A walk stops after this many files, so a root pointed at a huge tree cannot stall a request.
 MAX_FILES_WALKED = 50_000
-#: The listing is rebuilt at most this often; an upload refreshes it at once.
+#: The listing is rebuilt (in the background) at most this often; an upload refreshes it.
 RESCAN_SECONDS = 5.0
 _UNSAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
+#: Formats whose pixels live in companion files the slide names: never accepted as uploads.
+MULTI_FILE_EXTENSIONS = (".mrxs", ".vms", ".vmu")
+UPLOAD_EXTENSIONS = [e for e in SUPPORTED_EXTENSIONS if e not in MULTI_FILE_EXTENSIONS]
 
 
 class UnknownSlideError(HistopilotError):
@@ -75,44 +81,80 @@ def is_slide_file(name: str) -> bool:
     return any(lowered.endswith(extension) for extension in SUPPORTED_EXTENSIONS)
 
 
-class SlideCatalog:
-    """The slides under ``roots`` and the upload folder, looked up by id or name."""
+@dataclass(frozen=True)
+class _Index:
+    """One scan's slides, sorted for listing and keyed for lookup."""
 
-    def __init__(self, roots: list[Path], uploads: Path) -> None:
+    listing: tuple[CatalogSlide, ...] = ()
+    by_key: dict[str, CatalogSlide] = field(default_factory=dict)  # id and name
+    by_file_name: dict[str, list[CatalogSlide]] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, slides: list[CatalogSlide]) -> _Index:
+        listing = tuple(sorted(slides, key=lambda s: s.name.lower()))
+        by_key: dict[str, CatalogSlide] = {}
+        by_file_name: dict[str, list[CatalogSlide]] = {}
+        for slide in listing:
+            by_key.setdefault(slide.id, slide)
+            by_key.setdefault(slide.name, slide)
+            by_file_name.setdefault(slide.path.name, []).append(slide)
+        return cls(listing, by_key, by_file_name)
+
+
+class SlideCatalog:
+    """The slides under ``roots`` and the upload folder, looked up by id or name.
+
+    The first scan happens at start; later ones run on a background thread at most every
+    :data:`RESCAN_SECONDS`, while requests keep using the previous listing, so a large or
+    slow root never holds up a request. ``exclude`` (the server's data folder) is never listed,
+    even when it sits inside a root.
+    """
+
+    def __init__(self, roots: list[Path], uploads: Path, *, exclude: Path | None = None) -> None:
         uploads.mkdir(parents=True, exist_ok=True)
         self.uploads = uploads.resolve()
-        self.roots = [root.resolve() for root in roots if root != uploads] + [self.uploads]
+        self.roots = [root.expanduser().resolve() for root in roots if root != uploads]
         missing = [str(root) for root in self.roots if not root.is_dir()]
         if missing:
             raise HistopilotError(f"slide folder(s) not found: {', '.join(missing)}.")
-        self._slides: dict[str, CatalogSlide] = {}
-        self._scanned_at = float("-inf")
-        self._lock = threading.Lock()
+        self.roots.append(self.uploads)
+        self.exclude = exclude.resolve() if exclude else None
+        self._index = _Index.of(self._scan())
+        self._scanned_at = time.monotonic()
+        self._rescanning = threading.Lock()
 
     def slides(self) -> list[CatalogSlide]:
-        with self._lock:
-            if time.monotonic() - self._scanned_at > RESCAN_SECONDS:
-                self._slides = self._scan()
-                self._scanned_at = time.monotonic()
-            return sorted(self._slides.values(), key=lambda s: s.name.lower())
+        self._refresh_in_background()
+        return list(self._index.listing)
 
     def find(self, key: str) -> CatalogSlide:
         """The slide whose id or name is ``key``; a bare file name works when it is unique."""
-        slides = self.slides()
-        for slide in slides:
-            if key in (slide.id, slide.name):
-                return slide
-        by_file_name = [s for s in slides if s.path.name == key]
-        if len(by_file_name) == 1:
-            return by_file_name[0]
-        if len(by_file_name) > 1:
+        self._refresh_in_background()
+        index = self._index
+        if key in index.by_key:
+            return index.by_key[key]
+        named = index.by_file_name.get(key, [])
+        if len(named) == 1:
+            return named[0]
+        if named:
             raise UnknownSlideError(
-                f"{len(by_file_name)} slides are named {key!r}; use the slide's id from "
-                "GET /v1/slides."
+                f"{len(named)} slides are named {key!r}; use the slide's id from GET /v1/slides."
             )
         raise UnknownSlideError(
             f"no slide {key!r} on this server; GET /v1/slides lists the slides it serves."
         )
+
+    def refresh(self) -> None:
+        """Scan the roots now (blocking)."""
+        with self._rescanning:
+            self._index = _Index.of(self._scan())
+            self._scanned_at = time.monotonic()
+
+    def _refresh_in_background(self) -> None:
+        if time.monotonic() - self._scanned_at < RESCAN_SECONDS or self._rescanning.locked():
+            return
+        self._scanned_at = time.monotonic()  # one rescan at a time, however many requests
+        threading.Thread(target=self.refresh, name="slide-scan", daemon=True).start()
 
     async def add_upload(
         self, chunks: AsyncIterator[bytes], filename: str, max_bytes: int
@@ -120,13 +162,14 @@ class SlideCatalog:
         """Store an uploaded slide under a name of its content's hash and check it opens.
 
         The client's file name only contributes its (sanitised) last part; a file that is too
-        large, has a name histopilot does not read, or does not open is removed again.
+        large, is not a single-file slide format, or does not open is removed again.
         """
         base = _UNSAFE_NAME.sub("_", Path(filename.replace("\\", "/")).name).strip("._")
-        if not base or not is_slide_file(base):
+        if not base or not is_slide_file(base) or _is_multi_file(base):
             raise UnsupportedUploadError(
-                f"{filename!r} does not have a slide file extension; supported: "
-                f"{', '.join(SUPPORTED_EXTENSIONS)}."
+                f"{filename!r} is not an uploadable slide file; upload one of "
+                f"{', '.join(UPLOAD_EXTENSIONS)} (formats spread over several files, such as "
+                "MIRAX and VMS, must be placed in a slide folder by an administrator)."
             )
         digest = hashlib.sha256()
         partial = self.uploads / f".upload-{uuid.uuid4().hex}"
@@ -149,39 +192,54 @@ class SlideCatalog:
             partial.replace(final)
         finally:
             partial.unlink(missing_ok=True)
-        with self._lock:
-            self._scanned_at = float("-inf")
+        await anyio.to_thread.run_sync(self.refresh)
         return self.find(slide_id(final.resolve()))
 
-    def _scan(self) -> dict[str, CatalogSlide]:
+    def _scan(self) -> list[CatalogSlide]:
+        """Walk the roots (no links followed, hidden entries skipped, at most
+        :data:`MAX_FILES_WALKED` files) and keep the slide files that resolve inside them."""
         found: dict[str, CatalogSlide] = {}
         walked = 0
         for root in self.roots:
-            for path in sorted(root.rglob("*")):
-                walked += 1
-                if walked > MAX_FILES_WALKED:
-                    return found
-                relative = path.relative_to(root)
-                if any(part.startswith(".") for part in relative.parts):
-                    continue
-                if not is_slide_file(path.name):
-                    continue
-                try:
-                    resolved = path.resolve(strict=True)
-                    stat = resolved.stat()
-                except (OSError, RuntimeError):
-                    continue  # a dangling or looping link
-                if not resolved.is_relative_to(root) or not resolved.is_file():
-                    continue  # a link that leaves its root is never served
-                entry = CatalogSlide(
-                    id=slide_id(resolved),
-                    name=relative.as_posix(),
-                    path=resolved,
-                    size_bytes=stat.st_size,
-                    modified_ns=stat.st_mtime_ns,
+            for folder, subfolders, files in os.walk(root):
+                here = Path(folder)
+                subfolders[:] = sorted(
+                    name
+                    for name in subfolders
+                    if not name.startswith(".") and (here / name).resolve() != self.exclude
                 )
-                found.setdefault(entry.id, entry)
-        return found
+                for name in sorted(files):
+                    walked += 1
+                    if walked > MAX_FILES_WALKED:
+                        log.warning("slide folders hold more than %d files", MAX_FILES_WALKED)
+                        return list(found.values())
+                    if name.startswith(".") or not is_slide_file(name):
+                        continue
+                    entry = _entry(root, here / name)
+                    if entry is not None:
+                        found.setdefault(entry.id, entry)
+        return list(found.values())
+
+
+def _entry(root: Path, path: Path) -> CatalogSlide | None:
+    try:
+        resolved = path.resolve(strict=True)
+        stat = resolved.stat()
+    except (OSError, RuntimeError):
+        return None  # a dangling or looping link
+    if not resolved.is_relative_to(root) or not resolved.is_file():
+        return None  # a link that leaves its root is never served
+    return CatalogSlide(
+        id=slide_id(resolved),
+        name=path.relative_to(root).as_posix(),
+        path=resolved,
+        size_bytes=stat.st_size,
+        modified_ns=stat.st_mtime_ns,
+    )
+
+
+def _is_multi_file(name: str) -> bool:
+    return name.lower().endswith(MULTI_FILE_EXTENSIONS)
 
 
 def _check_opens(path: Path, name: str) -> None:

@@ -13,20 +13,20 @@ plain response, ``histopilot`` holds the thread id, the citations and the progre
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
-import queue
 import threading
 import time
 import uuid
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Literal
 
 from langgraph.checkpoint.base import BaseCheckpointSaver
 from pydantic import BaseModel, ConfigDict, Field
 
-from histopilot.agents.chat import ChatEvent, ChatReply, ChatSession
+from histopilot.agents.chat import ChatEvent, ChatReply, ChatSession, EventCallback
 from histopilot.agents.context import AgentContext
 from histopilot.errors import HistopilotError
 from histopilot.serve.api.catalog import CatalogSlide
@@ -121,26 +121,26 @@ class ChatTurns:
     """Runs chat turns on worker threads, one at a time per thread."""
 
     def __init__(
-        self, context: AgentContext, checkpointer: BaseCheckpointSaver, *, workers: int = 4
+        self, context: AgentContext, checkpointer: BaseCheckpointSaver, pool: ThreadPoolExecutor
     ) -> None:
         self.context = context
         self.checkpointer = checkpointer
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="chat")
+        self._pool = pool
         self._busy: set[str] = set()
         self._lock = threading.Lock()
 
     def session(self, slide: CatalogSlide, thread_id: str) -> ChatSession:
         return ChatSession(self.context, slide.path, self.checkpointer, thread_id=thread_id)
 
-    def complete(self, slide: CatalogSlide, thread_id: str, text: str) -> ChatCompletion:
-        """A whole answer (blocking: call it off the event loop)."""
+    async def complete(self, slide: CatalogSlide, thread_id: str, text: str) -> ChatCompletion:
+        """A whole answer, computed on the pool while the event loop waits for it."""
         progress: list[str] = []
 
         def heard(event: ChatEvent) -> None:
             if event.kind == "progress":
                 progress.append(event.text)
 
-        reply = self._run(slide, thread_id, text, heard)
+        reply = await asyncio.wrap_future(self._submit(slide, thread_id, text, heard))
         return ChatCompletion(
             id=_completion_id(),
             created=int(time.time()),
@@ -150,37 +150,52 @@ class ChatTurns:
             ),
         )
 
-    def stream(self, slide: CatalogSlide, thread_id: str, text: str) -> Iterator[str]:
+    def stream(self, slide: CatalogSlide, thread_id: str, text: str) -> AsyncIterator[str]:
         """Server-sent events of OpenAI ``chat.completion.chunk`` objects, ending in [DONE].
 
-        The turn runs on a worker thread and finishes (and is saved) even if the client goes
-        away; this iterator only relays what it hears.
+        Call it on the event loop. The turn runs on a worker thread and finishes (and is
+        saved) even if the client goes away; the events only relay what it hears.
         """
-        self._claim(thread_id)
-        events: queue.Queue[tuple[str, Any]] = queue.Queue()
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
 
-        def turn() -> None:
-            try:
-                session = self.session(slide, thread_id)
-                reply = session.turn(text, lambda event: events.put(("event", event)))
-                events.put(("reply", reply))
-            except HistopilotError as error:
-                events.put(("error", str(error)))
-            except Exception as error:  # reported to the client, never a dead stream
-                log.exception("chat turn in %s failed", thread_id)
-                events.put(("error", f"internal error ({type(error).__name__})"))
-            finally:
-                self._release(thread_id)
+        def put(kind: str, value: Any) -> None:
+            loop.call_soon_threadsafe(events.put_nowait, (kind, value))
 
-        self._pool.submit(turn)
+        turn = self._submit(slide, thread_id, text, lambda event: put("event", event))
+
+        def finished(future: Future) -> None:
+            if future.cancelled():
+                put("error", "the turn was cancelled: the server is shutting down.")
+                return
+            error = future.exception()
+            if error is None:
+                put("reply", future.result())
+            elif isinstance(error, HistopilotError):
+                put("error", str(error))
+            else:  # reported to the client, never a dead stream
+                log.error("chat turn in %s failed", thread_id, exc_info=error)
+                put("failure", f"internal error ({type(error).__name__}); see the server log")
+
+        turn.add_done_callback(finished)
         return _chunks(events, thread_id, slide.id)
 
-    def _run(self, slide: CatalogSlide, thread_id: str, text: str, heard) -> ChatReply:
+    def _submit(
+        self, slide: CatalogSlide, thread_id: str, text: str, heard: EventCallback
+    ) -> Future[ChatReply]:
+        """Run the turn on the pool; the thread is busy until it ends, however it ends."""
         self._claim(thread_id)
         try:
-            return self.session(slide, thread_id).turn(text, heard)
-        finally:
+            future = self._pool.submit(lambda: self.session(slide, thread_id).turn(text, heard))
+        except RuntimeError:  # the pool is shutting down
             self._release(thread_id)
+            raise
+        future.add_done_callback(lambda _: self._release(thread_id))
+        return future
+
+    def busy(self, thread_id: str) -> bool:
+        with self._lock:
+            return thread_id in self._busy
 
     def _claim(self, thread_id: str) -> None:
         with self._lock:
@@ -194,11 +209,10 @@ class ChatTurns:
         with self._lock:
             self._busy.discard(thread_id)
 
-    def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
 
-
-def _chunks(events: queue.Queue, thread_id: str, slide_id: str) -> Iterator[str]:
+async def _chunks(
+    events: asyncio.Queue[tuple[str, Any]], thread_id: str, slide_id: str
+) -> AsyncIterator[str]:
     completion_id = _completion_id()
     created = int(time.time())
 
@@ -220,8 +234,8 @@ def _chunks(events: queue.Queue, thread_id: str, slide_id: str) -> Iterator[str]
     )
     while True:
         try:
-            kind, value = events.get(timeout=15.0)
-        except queue.Empty:
+            kind, value = await asyncio.wait_for(events.get(), timeout=15.0)
+        except TimeoutError:
             yield ": still working\n\n"  # an SSE comment keeps proxies from closing the stream
             continue
         if kind == "event" and value.kind == "progress":
@@ -234,7 +248,8 @@ def _chunks(events: queue.Queue, thread_id: str, slide_id: str) -> Iterator[str]
             yield chunk({}, finish="stop")
             break
         else:
-            error = {"message": value, "type": "histopilot_error", "code": 400}
+            code = 400 if kind == "error" else 500
+            error = {"message": value, "type": "histopilot_error", "code": code}
             yield f"data: {json.dumps({'error': error}, ensure_ascii=False)}\n\n"
             break
     yield "data: [DONE]\n\n"

@@ -73,9 +73,6 @@ class Registry:
         rows = self._run("SELECT * FROM threads WHERE id = ? AND owner = ?", thread_id, owner)
         return _thread(rows[0]) if rows else None
 
-    def thread_exists(self, thread_id: str) -> bool:
-        return bool(self._run("SELECT 1 FROM threads WHERE id = ?", thread_id))
-
     def add_thread(
         self, owner: str, thread_id: str, slide_id: str, slide_name: str, title: str
     ) -> ThreadRecord:

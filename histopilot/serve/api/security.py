@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass, field
 
 from pydantic import SecretStr
+from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 LOCAL_USER = "local"
@@ -108,7 +109,6 @@ class BodyLimit:
             await _too_large(send, limit)
             return
         received = 0
-        responded = False
 
         async def counted_receive() -> Message:
             nonlocal received
@@ -116,31 +116,22 @@ class BodyLimit:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
-                    raise _BodyTooLargeError
+                    # An HTTPException passes through FastAPI's body parsing untouched.
+                    raise HTTPException(413, _too_large_message(limit))
             return message
 
-        async def tracked_send(message: Message) -> None:
-            nonlocal responded
-            if message["type"] == "http.response.start":
-                responded = True
-            await send(message)
-
-        try:
-            await self.app(scope, counted_receive, tracked_send)
-        except _BodyTooLargeError:
-            if not responded:
-                await _too_large(send, limit)
+        await self.app(scope, counted_receive, send)
 
 
-class _BodyTooLargeError(Exception):
-    pass
+def _too_large_message(limit: int) -> str:
+    return f"request body larger than this server accepts ({limit:,} bytes)."
 
 
 async def _too_large(send: Send, limit: int) -> None:
     body = json.dumps(
         {
             "error": {
-                "message": f"request body larger than this server accepts ({limit:,} bytes).",
+                "message": _too_large_message(limit),
                 "type": "request_too_large",
                 "code": 413,
             }

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -18,8 +19,10 @@ from histopilot.serve.api.analyses import AnalysisJobs
 from histopilot.serve.api.catalog import SlideCatalog
 from histopilot.serve.api.chat import ChatTurns
 from histopilot.serve.api.registry import Registry
-from histopilot.serve.api.security import Authenticator, RateLimiter
+from histopilot.serve.api.security import Authenticator, AuthError, RateLimiter
 from histopilot.serve.api.tiles import TileService
+
+T = TypeVar("T")
 
 
 class NotFoundError(HistopilotError):
@@ -33,7 +36,6 @@ class ConflictError(HistopilotError):
 @dataclass
 class ServerState:
     config: HistopilotConfig
-    data_dir: Path
     catalog: SlideCatalog
     tiles: TileService
     registry: Registry
@@ -44,6 +46,11 @@ class ServerState:
     auth: Authenticator
     limiter: RateLimiter
     extractor: Callable[[str, str], tuple[str, dict[str, Any], list[str]]]
+    agents: ThreadPoolExecutor  # agent work: chat turns, triage maps (lowered priority)
+
+    async def agent_work(self, work: Callable[[], T]) -> T:
+        """Run agent work on the agents' pool; the event loop waits without a thread."""
+        return await asyncio.wrap_future(self.agents.submit(work))
 
 
 def server_state(request: Request) -> ServerState:
@@ -60,8 +67,12 @@ def current_user(
     """The user behind the request's bearer token, after the rate limit has let it through."""
     state = server_state(request)
     header = f"{credentials.scheme} {credentials.credentials}" if credentials else None
-    user = state.auth.user(header)
     client = request.client.host if request.client else "unknown"
+    try:
+        user = state.auth.user(header)
+    except AuthError:
+        state.limiter.check(client)  # guessing tokens costs the guesser's rate
+        raise
     state.limiter.check(user if state.auth.enabled else client)
     return user
 

@@ -93,7 +93,9 @@ async function openSlide(slide) {
   $("exports").hidden = true;
   location.hash = `slide=${encodeURIComponent(slide.id)}`;
   const base = `/v1/slides/${slide.id}`;
-  viewer.open(base, await (await api(`${base}/dzi`)).text());
+  const descriptor = await (await api(`${base}/dzi`)).text();
+  if (state.slide !== slide) return; // another slide was picked meanwhile
+  viewer.open(base, descriptor);
   json(`${base}/tissue`).then((tissue) => state.slide === slide && viewer.setTissue(tissue)).catch(() => {});
   if (viewer.show.heatmap) loadHeatmap();
 }
@@ -200,7 +202,7 @@ $("chat-form").onsubmit = async (event) => {
       const chunk = JSON.parse(data);
       if (chunk.error) throw new Error(chunk.error.message);
       const extra = chunk.histopilot || {};
-      if (extra.event === "thread") state.thread = extra.thread_id;
+      if (extra.event === "thread" && state.slide?.id === extra.slide) state.thread = extra.thread_id;
       if (extra.event === "progress") answer.steps.textContent = extra.text;
       if (extra.event === "citations") {
         answer.steps.textContent = "";
@@ -274,12 +276,16 @@ $("analyse").onclick = async () => {
 for (const button of $("exports").querySelectorAll("button")) {
   button.onclick = async () => {
     const format = button.dataset.format;
-    const response = await api(`/v1/analyses/${state.analysis}/report?format=${format}`);
-    const link = document.createElement("a");
-    link.href = URL.createObjectURL(await response.blob());
-    link.download = `${state.analysis}-report.${format === "fhir" ? "fhir.json" : format}`;
-    link.click();
-    setTimeout(() => URL.revokeObjectURL(link.href), 10_000);
+    try {
+      const response = await api(`/v1/analyses/${state.analysis}/report?format=${format}`);
+      const link = document.createElement("a");
+      link.href = URL.createObjectURL(await response.blob());
+      link.download = `${state.analysis}-report.${format === "fhir" ? "fhir.json" : format}`;
+      link.click();
+      setTimeout(() => URL.revokeObjectURL(link.href), 10_000);
+    } catch (error) {
+      $("viewer-status").textContent = `export failed: ${error.message}`;
+    }
   };
 }
 

@@ -7,6 +7,7 @@
 const MAX_PARALLEL_FETCHES = 6;
 const MAX_CACHED_TILES = 600;
 const COARSER_LEVELS_DRAWN = 4;
+const RETRY_AFTER_MS = 2000;
 const REGION_COLOURS = { low: "#56b4e9", medium: "#e69f00", high: "#d55e00" };
 
 export class DeepZoomViewer {
@@ -247,7 +248,10 @@ export class DeepZoomViewer {
           this.tilesLoaded++;
         })
         .catch(() => {
+          // Asked again once the view next changes after a short pause (a busy server, a
+          // rate limit), instead of leaving a hole.
           tile.state = "failed";
+          setTimeout(() => this.tiles.get(url) === tile && this.tiles.delete(url), RETRY_AFTER_MS);
         })
         .finally(() => {
           this.fetching--;

@@ -6,7 +6,6 @@ import uuid
 from typing import Any
 
 from fastapi import APIRouter
-from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 
 from histopilot.errors import HistopilotError
@@ -42,7 +41,7 @@ async def chat_completions(body: ChatRequest, state: State, user: User) -> ChatC
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
-    return await run_in_threadpool(state.chats.complete, slide, thread_id, text)
+    return await state.chats.complete(slide, thread_id, text)
 
 
 def _slide_and_thread(

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import base64
 import re
+from collections.abc import Callable
 from typing import Annotated, Any
 
 import numpy as np
 from fastapi import APIRouter, Query, Request, Response, UploadFile
-from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel
 
 from histopilot.serve.api.catalog import CatalogSlide, SlideSummary
-from histopilot.serve.api.state import State, User
+from histopilot.serve.api.state import ServerState, State, User
 from histopilot.serve.api.tiles import TileRequestError, heatmap_png
 
 router = APIRouter(prefix="/v1/slides", tags=["slides"])
@@ -64,7 +64,7 @@ async def upload_slide(file: UploadFile, state: State, _user: User) -> SlideSumm
 async def slide_info(slide_id: str, state: State, _user: User) -> dict[str, Any]:
     """Geometry, resolution, levels and scanner metadata (never the server's file path)."""
     entry = state.catalog.find(slide_id)
-    info = await run_in_threadpool(state.tiles.info, entry)
+    info = await state.tiles.run(lambda: state.tiles.info(entry))
     return {"id": entry.id, **info.model_dump(mode="json", exclude={"path"}), "name": entry.name}
 
 
@@ -78,10 +78,7 @@ async def thumbnail(
 ) -> Response:
     entry = state.catalog.find(slide_id)
     return await _cached_image(
-        request,
-        f"{entry.version}-thumb-{size}",
-        lambda: state.tiles.thumbnail(entry, size),
-        state.tiles.media_type,
+        request, state, f"{entry.version}-thumb-{size}", lambda: state.tiles.thumbnail(entry, size)
     )
 
 
@@ -89,7 +86,7 @@ async def thumbnail(
 async def deep_zoom_descriptor(slide_id: str, state: State, _user: User) -> Response:
     """The Deep Zoom descriptor; tiles are at ``dzi_files/{level}/{column}_{row}.{format}``."""
     entry = state.catalog.find(slide_id)
-    xml = await run_in_threadpool(state.tiles.dzi, entry)
+    xml = await state.tiles.run(lambda: state.tiles.dzi(entry))
     return Response(xml, media_type="application/xml", headers={"Cache-Control": CACHE_CONTROL})
 
 
@@ -99,14 +96,15 @@ async def deep_zoom_tile(
 ) -> Response:
     entry = state.catalog.find(slide_id)
     match = _TILE_NAME.fullmatch(tile)
-    if match is None:
-        raise TileRequestError(f"{tile!r} is not a tile name; tiles are named COLUMN_ROW.jpeg.")
+    suffix = state.tiles.tile_format
+    if match is None or match.group(3).replace("jpg", "jpeg") != suffix:
+        raise TileRequestError(f"{tile!r} is not a tile name; tiles are named COLUMN_ROW.{suffix}.")
     column, row = int(match.group(1)), int(match.group(2))
     return await _cached_image(
         request,
+        state,
         f"{entry.version}-{level}-{column}-{row}",
         lambda: state.tiles.tile(entry, level, column, row),
-        state.tiles.media_type,
     )
 
 
@@ -114,7 +112,7 @@ async def deep_zoom_tile(
 async def tissue_outline(slide_id: str, state: State, _user: User) -> dict[str, Any]:
     """Tissue polygons (pen marks excluded) as GeoJSON in level-0 pixels."""
     entry = state.catalog.find(slide_id)
-    return await run_in_threadpool(state.tiles.tissue, entry)
+    return await state.tiles.run(lambda: state.tiles.tissue(entry))
 
 
 @router.get("/{slide_id}/importance")
@@ -137,13 +135,15 @@ async def importance(slide_id: str, state: State, _user: User) -> Importance:
             image=f"data:image/png;base64,{encoded}",
         )
 
-    return await run_in_threadpool(compute)
+    return await state.agent_work(compute)
 
 
-async def _cached_image(request: Request, tag: str, produce, media_type: str) -> Response:
+async def _cached_image(
+    request: Request, state: ServerState, tag: str, produce: Callable[[], bytes]
+) -> Response:
     etag = f'"{tag}"'
     headers = {"Cache-Control": CACHE_CONTROL, "ETag": etag, "Vary": "Authorization"}
     if etag in request.headers.get("if-none-match", ""):
         return Response(status_code=304, headers=headers)
-    body = await run_in_threadpool(produce)
-    return Response(body, media_type=media_type, headers=headers)
+    body = await state.tiles.run(produce)
+    return Response(body, media_type=state.tiles.media_type, headers=headers)

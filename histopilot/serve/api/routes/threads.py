@@ -9,7 +9,7 @@ from pydantic import BaseModel
 
 from histopilot.agents.chat import citation_of, cited_regions
 from histopilot.serve.api.registry import ThreadRecord
-from histopilot.serve.api.state import NotFoundError, ServerState, State, User
+from histopilot.serve.api.state import ConflictError, NotFoundError, ServerState, State, User
 from histopilot.tools.report.document import Citation
 
 router = APIRouter(prefix="/v1/threads", tags=["threads"])
@@ -77,10 +77,23 @@ async def thread_history(thread_id: str, state: State, user: User) -> ThreadHist
 
 @router.delete("/{thread_id}", status_code=204, response_class=Response)
 async def delete_thread(thread_id: str, state: State, user: User) -> Response:
+    """Delete the thread, its checkpoints and those of the analyses it ran."""
     _own_thread(state, user, thread_id)
-    await run_in_threadpool(state.checkpointer.delete_thread, thread_id)
+    if state.chats.busy(thread_id):
+        raise ConflictError(f"a turn is running in thread {thread_id}; delete it when it ends.")
     state.registry.delete_thread(user, thread_id)
+    await run_in_threadpool(_delete_checkpoints, state, thread_id)
     return Response(status_code=204)
+
+
+def _delete_checkpoints(state: ServerState, thread_id: str) -> None:
+    analyses = {
+        saved.config["configurable"]["thread_id"]
+        for saved in state.checkpointer.list(None)
+        if saved.config["configurable"]["thread_id"].startswith(f"{thread_id}:analysis:")
+    }
+    for checkpoint_thread in (thread_id, *analyses):
+        state.checkpointer.delete_thread(checkpoint_thread)
 
 
 def _own_thread(state: ServerState, user: str, thread_id: str) -> ThreadRecord:
