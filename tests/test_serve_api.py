@@ -10,10 +10,14 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
+import openslide
 import pytest
 from fastapi.testclient import TestClient
+from openslide.deepzoom import DeepZoomGenerator
 from PIL import Image
 
+from histopilot.serve.api.tiles import TILE_OVERLAP, TILE_SIZE
 from tests.serve_helpers import make_app
 
 CMU = "CMU-1-Small-Region.svs"
@@ -30,6 +34,7 @@ def slide_root(wsi_dir: Path, tmp_path_factory) -> Path:
     shutil.copy(wsi_dir / CMU, root / "nested" / "copy.svs")
     (root / "outside.svs").symlink_to(wsi_dir / CMU)
     (root / "secret.txt").write_text("not a slide")
+    (root / "damaged.svs").write_bytes(b"II*\x00" + bytes(64))  # listed, but cannot be read
     return root
 
 
@@ -60,7 +65,17 @@ def chat(client: TestClient, text: str, **metadata: str) -> dict:
 # -- slides ---------------------------------------------------------------------------------
 def test_the_listing_holds_the_slides_under_the_root_and_nothing_else(client: TestClient) -> None:
     names = [s["name"] for s in client.get("/v1/slides").json()["data"]]
-    assert names == [CMU, "nested/copy.svs", TCGA]  # no link out, no non-slide file
+    assert names == [CMU, "damaged.svs", "nested/copy.svs", TCGA]  # no link out, no other file
+
+
+def test_a_listed_slide_that_cannot_be_read_says_so_without_server_paths(
+    client: TestClient, slide_root: Path
+) -> None:
+    response = client.get("/v1/slides/damaged.svs/dzi")
+    assert response.status_code == 422
+    message = response.json()["error"]["message"]
+    assert message.startswith("slide damaged.svs cannot be read")
+    assert str(slide_root) not in message
 
 
 def test_slide_info_describes_the_slide_without_revealing_server_paths(
@@ -88,6 +103,29 @@ def test_deep_zoom_descriptor_and_tiles_cover_level_zero(client: TestClient) -> 
     assert again.status_code == 304 and not again.content
     whole = Image.open(io.BytesIO(client.get(f"/v1/slides/{sid}/dzi_files/0/0_0.jpeg").content))
     assert whole.size == (1, 1)
+
+
+@pytest.mark.parametrize(
+    ("level", "address"), [(12, (3, 4)), (11, (2, 3)), (9, (0, 1)), (4, (0, 0))]
+)
+def test_tiles_match_openslides_own_deep_zoom(
+    client: TestClient, wsi_dir: Path, level: int, address: tuple[int, int]
+) -> None:
+    """Zoomed-out tiles come from the server's overview level, not from decoding level 0
+    again; they must still look like what OpenSlide's own generator makes."""
+    reference = DeepZoomGenerator(
+        openslide.OpenSlide(wsi_dir / CMU), TILE_SIZE, TILE_OVERLAP, limit_bounds=False
+    ).get_tile(level, address)
+    encoded = io.BytesIO()
+    reference.save(encoded, "JPEG", quality=80)  # as the server encodes its tiles
+    expected = np.asarray(Image.open(encoded).convert("RGB"), np.int16)
+    column, row = address
+    served = client.get(f"/v1/slides/{CMU}/dzi_files/{level}/{column}_{row}.jpeg")
+    tile = np.asarray(Image.open(io.BytesIO(served.content)).convert("RGB"), np.int16)
+    assert tile.shape == expected.shape
+    # Area-averaged where OpenSlide's generator uses Lanczos: about 6 grey levels apart at a 2x
+    # reduction, under 1 below it; a tile off by one pixel is 14 or more apart.
+    assert np.abs(tile - expected).mean() < 8
 
 
 def test_thumbnail_tissue_and_importance_overlays(client: TestClient) -> None:
@@ -156,7 +194,8 @@ def test_an_uploaded_slide_is_stored_under_a_safe_name_and_served(
 @pytest.mark.parametrize(
     ("name", "content", "status", "message"),
     [
-        ("notes.txt", b"hello", 415, "slide file extension"),
+        ("notes.txt", b"hello", 415, "not an uploadable slide file"),
+        ("case.mrxs", b"[GENERAL]", 415, "must be placed in a slide folder"),  # names other files
         ("broken.svs", b"II*\x00" + b"\x00" * 200, 415, "not a slide histopilot can open"),
         ("empty.svs", b"", 415, "empty"),
     ],
@@ -317,10 +356,11 @@ def test_analysis_requests_that_cannot_run_say_why(client: TestClient) -> None:
     assert client.post("/v1/analyses", json={"slide": CMU, "budget": 0}).status_code == 422
     assert client.get("/v1/analyses/analysis-unknown").status_code == 404
     assert client.get("/v1/analyses/analysis-unknown/report").status_code == 404
-    fluorescence_root_free = client.post("/v1/analyses", json={"slide": CMU, "budget": 1}).json()
-    response = client.get(f"/v1/analyses/{fluorescence_root_free['id']}/report")
-    assert response.status_code in (200, 409)  # 409 while it runs: "outputs come when it is done"
-    _wait_done(client, fluorescence_root_free["id"])
+    failing = client.post("/v1/analyses", json={"slide": TCGA}).json()  # declares no resolution
+    status = _wait_done(client, failing["id"])
+    assert status["status"] == "failed" and "resolution" in status["error"]
+    response = client.get(f"/v1/analyses/{failing['id']}/report")
+    assert response.status_code == 409 and "is failed" in response.json()["error"]["message"]
 
 
 def _wait_done(client: TestClient, analysis: str) -> dict:
