@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -107,3 +108,12 @@ def reference_bank_path(test_data: Path, tmp_path_factory) -> Path:
     index = PatchIndex.create(path, encoder=encoder.name, dim=encoder.dim)
     add_labelled_images(index, encoder, read_labels(test_data / "patches" / "crc_val_he_7k", None))
     return path
+
+
+@pytest.fixture(scope="session")
+def cmu_slide_root(wsi_dir: Path, tmp_path_factory) -> Path:
+    """A slide folder holding a copy of CMU-1-Small-Region.svs (a copy, since a link that
+    leaves a server's slide folder is never served)."""
+    root = tmp_path_factory.mktemp("slides")
+    shutil.copy(wsi_dir / "CMU-1-Small-Region.svs", root)
+    return root

@@ -76,6 +76,13 @@ def test_a_listed_slide_that_cannot_be_read_says_so_without_server_paths(
     message = response.json()["error"]["message"]
     assert message.startswith("slide damaged.svs cannot be read")
     assert str(slide_root) not in message
+    # The agents open slides on their own; their errors are cleaned the same way.
+    importance = client.get("/v1/slides/damaged.svs/importance")
+    assert importance.status_code == 400
+    assert "damaged.svs" in importance.text and str(slide_root) not in importance.text
+    analysis = client.post("/v1/analyses", json={"slide": "damaged.svs"}).json()
+    failed = _wait_done(client, analysis["id"])
+    assert failed["status"] == "failed" and str(slide_root) not in failed["error"]
 
 
 def test_slide_info_describes_the_slide_without_revealing_server_paths(

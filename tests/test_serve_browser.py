@@ -4,7 +4,6 @@ see tiles load, zoom, ask a question, watch the answer stream, click a citation.
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -32,11 +31,8 @@ if not CHROMIUM.exists():
 
 
 @pytest.fixture
-def server(wsi_dir: Path, feature_cache: Path, tmp_path: Path):
-    root = tmp_path / "slides"
-    root.mkdir()
-    shutil.copy(wsi_dir / CMU, root)
-    process = ServerProcess(root, tmp_path / "data", feature_cache)
+def server(cmu_slide_root: Path, feature_cache: Path, tmp_path: Path):
+    process = ServerProcess(cmu_slide_root, tmp_path / "data", feature_cache)
     yield process
     process.stop()
 

@@ -3,7 +3,6 @@ no server error, and a server killed mid-conversation restarts with every finish
 
 from __future__ import annotations
 
-import shutil
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,15 +19,8 @@ CMU = "CMU-1-Small-Region.svs"
 
 
 @pytest.fixture(scope="module")
-def slide_root(wsi_dir: Path, tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("slides")
-    shutil.copy(wsi_dir / CMU, root)
-    return root
-
-
-@pytest.fixture(scope="module")
-def live_url(slide_root: Path, feature_cache: Path, tmp_path_factory) -> Iterator[str]:
-    app = make_app(slide_root, tmp_path_factory.mktemp("server"), feature_cache)
+def live_url(cmu_slide_root: Path, feature_cache: Path, tmp_path_factory) -> Iterator[str]:
+    app = make_app(cmu_slide_root, tmp_path_factory.mktemp("server"), feature_cache)
     with served(app) as url:
         yield url
 
@@ -91,20 +83,21 @@ def test_no_generated_request_makes_the_server_fail(live_url: str) -> None:
     assert not failures, "\n".join(failures)
 
 
+def ask(url: str, text: str, **metadata: str) -> httpx.Response:
+    return httpx.post(
+        f"{url}/v1/chat/completions",
+        json={"messages": [{"role": "user", "content": text}], "metadata": metadata},
+        timeout=120,
+    )
+
+
 def test_a_killed_server_restarts_with_every_finished_turn(
-    slide_root: Path, feature_cache: Path, tmp_path: Path
+    cmu_slide_root: Path, feature_cache: Path, tmp_path: Path
 ) -> None:
     data = tmp_path / "data"
-    server = ServerProcess(slide_root, data, feature_cache)
+    server = ServerProcess(cmu_slide_root, data, feature_cache)
     try:
-        first = httpx.post(
-            f"{server.url}/v1/chat/completions",
-            json={
-                "messages": [{"role": "user", "content": "What do you see?"}],
-                "metadata": {"slide": CMU},
-            },
-            timeout=120,
-        ).json()
+        first = ask(server.url, "What do you see?", slide=CMU).json()
         thread = first["histopilot"]["thread_id"]
         answer = first["choices"][0]["message"]["content"]
 
@@ -136,7 +129,7 @@ def test_a_killed_server_restarts_with_every_finished_turn(
     finally:
         server.kill()
 
-    restarted = ServerProcess(slide_root, data, feature_cache)
+    restarted = ServerProcess(cmu_slide_root, data, feature_cache)
     try:
         history = httpx.get(f"{restarted.url}/v1/threads/{thread}", timeout=30).json()
         said = [(m["role"], m["content"]) for m in history["messages"]]
@@ -144,14 +137,7 @@ def test_a_killed_server_restarts_with_every_finished_turn(
         assert said[asked + 1] == ("assistant", answer)
         assert history["assessment"]
         # ...and the thread goes on where it stopped.
-        more = httpx.post(
-            f"{restarted.url}/v1/chat/completions",
-            json={
-                "messages": [{"role": "user", "content": "/regions"}],
-                "metadata": {"thread_id": thread},
-            },
-            timeout=60,
-        )
+        more = ask(restarted.url, "/regions", thread_id=thread)
         assert (
             more.status_code == 200
             and "| region |" in more.json()["choices"][0]["message"]["content"]

@@ -18,17 +18,10 @@ BOB = {"Authorization": "Bearer bob-token-9876543210ab"}
 TOKENS = {"alice": "alice-token-0123456789", "bob": "bob-token-9876543210ab"}
 
 
-@pytest.fixture(scope="module")
-def slide_root(wsi_dir: Path, tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("slides")
-    shutil.copy(wsi_dir / "CMU-1-Small-Region.svs", root)
-    return root
-
-
 def test_without_a_known_token_nothing_but_health_answers(
-    slide_root: Path, feature_cache: Path, tmp_path: Path
+    cmu_slide_root: Path, feature_cache: Path, tmp_path: Path
 ) -> None:
-    app = make_app(slide_root, tmp_path, feature_cache, tokens=TOKENS)
+    app = make_app(cmu_slide_root, tmp_path, feature_cache, tokens=TOKENS)
     with TestClient(app) as client:
         assert client.get("/health").json()["authentication"] is True
         for headers in (
@@ -44,9 +37,9 @@ def test_without_a_known_token_nothing_but_health_answers(
 
 
 def test_each_token_sees_only_its_own_threads(
-    slide_root: Path, feature_cache: Path, tmp_path: Path
+    cmu_slide_root: Path, feature_cache: Path, tmp_path: Path
 ) -> None:
-    app = make_app(slide_root, tmp_path, feature_cache, tokens=TOKENS)
+    app = make_app(cmu_slide_root, tmp_path, feature_cache, tokens=TOKENS)
     with TestClient(app) as client:
         answer = client.post(
             "/v1/chat/completions",
@@ -84,9 +77,9 @@ def test_tokens_must_be_long_and_unshared() -> None:
 
 
 def test_a_client_over_its_rate_is_told_when_to_come_back(
-    slide_root: Path, feature_cache: Path, tmp_path: Path
+    cmu_slide_root: Path, feature_cache: Path, tmp_path: Path
 ) -> None:
-    app = make_app(slide_root, tmp_path, feature_cache, rate_limit_per_minute=5)
+    app = make_app(cmu_slide_root, tmp_path, feature_cache, rate_limit_per_minute=5)
     with TestClient(app) as client:
         statuses = [client.get("/v1/slides").status_code for _ in range(6)]
         assert statuses == [200] * 5 + [429]
@@ -95,9 +88,9 @@ def test_a_client_over_its_rate_is_told_when_to_come_back(
 
 
 def test_request_bodies_over_the_limit_are_refused_before_they_are_read(
-    slide_root: Path, feature_cache: Path, tmp_path: Path
+    cmu_slide_root: Path, feature_cache: Path, tmp_path: Path
 ) -> None:
-    app = make_app(slide_root, tmp_path, feature_cache, max_request_kb=4)
+    app = make_app(cmu_slide_root, tmp_path, feature_cache, max_request_kb=4)
     with TestClient(app) as client:
         response = client.post("/v1/extract", json={"text": "pT2 " * 5000})
         assert response.status_code == 413
@@ -115,10 +108,10 @@ def test_request_bodies_over_the_limit_are_refused_before_they_are_read(
 
 
 def test_the_servers_own_files_are_never_listed_as_slides(
-    slide_root: Path, feature_cache: Path, tmp_path: Path, wsi_dir: Path
+    cmu_slide_root: Path, feature_cache: Path, tmp_path: Path, wsi_dir: Path
 ) -> None:
     root = tmp_path / "slides"
-    shutil.copytree(slide_root, root)
+    shutil.copytree(cmu_slide_root, root)
     app = make_app(root, root / "server-data", feature_cache)  # data folder inside the root
     with TestClient(app) as client:
         content = (wsi_dir / "CMU-1-Small-Region.svs").read_bytes()

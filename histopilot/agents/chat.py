@@ -43,6 +43,7 @@ from histopilot.agents.context import AgentContext, SlideWorkspace
 from histopilot.agents.describe import describe_region
 from histopilot.agents.models import is_offline, prompt
 from histopilot.agents.navigate import WINDOW_TILES, read_mpp
+from histopilot.agents.report import cite
 from histopilot.agents.run import run_analysis
 from histopilot.agents.state import (
     Diagnosis,
@@ -463,19 +464,8 @@ def cited_regions(text: str, regions: dict[str, Region]) -> list[Citation]:
     pattern = re.compile(rf"(?<![\w.])({names})(?!\w)")
     seen: dict[str, Citation] = {}
     for match in pattern.finditer(text):
-        seen.setdefault(match.group(1), citation_of(regions[match.group(1)]))
+        seen.setdefault(match.group(1), cite(regions[match.group(1)]))
     return list(seen.values())
-
-
-def citation_of(region: Region) -> Citation:
-    return Citation(
-        region_id=region.id,
-        x=region.x,
-        y=region.y,
-        width=region.width,
-        height=region.height,
-        magnification=region.magnification,
-    )
 
 
 def regions_table(state: dict[str, Any]) -> str:

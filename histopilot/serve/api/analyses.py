@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -44,11 +45,13 @@ class AnalysisJobs:
         folder: Path,
         *,
         workers: int,
+        scrub: Callable[[str], str],
     ) -> None:
         self.registry = registry
         self.context = context
         self.checkpointer = checkpointer
         self.folder = folder
+        self.scrub = scrub  # takes the server's folders out of error messages
         self._pool = background_pool(workers, "analysis")
 
     def start(
@@ -107,7 +110,7 @@ class AnalysisJobs:
                 "notice": run.state["report"].notice,
             }
         except HistopilotError as error:
-            self.registry.set_status(analysis_id, "failed", error=str(error))
+            self.registry.set_status(analysis_id, "failed", error=self.scrub(str(error)))
             return
         except Exception as error:
             log.exception("analysis %s failed", analysis_id)

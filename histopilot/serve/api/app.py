@@ -193,21 +193,27 @@ def _build_state(
         quality=server.tile_quality,
     )
     stack.callback(tiles.close)
+    catalog = SlideCatalog(slide_roots, data_dir / "uploads", exclude=data_dir)
     jobs = AnalysisJobs(
-        registry, context, checkpointer, data_dir / "analyses", workers=server.analysis_workers
+        registry,
+        context,
+        checkpointer,
+        data_dir / "analyses",
+        workers=server.analysis_workers,
+        scrub=catalog.public,
     )
     stack.callback(jobs.close)
     agents = background_pool(AGENT_WORKERS, "agents")
     stack.callback(agents.shutdown, wait=False, cancel_futures=True)
     return ServerState(
         config=config,
-        catalog=SlideCatalog(slide_roots, data_dir / "uploads", exclude=data_dir),
+        catalog=catalog,
         tiles=tiles,
         registry=registry,
         context=context,
         checkpointer=checkpointer,
         jobs=jobs,
-        chats=ChatTurns(context, checkpointer, agents),
+        chats=ChatTurns(context, checkpointer, agents, scrub=catalog.public),
         auth=Authenticator(dict(server.tokens)),
         limiter=RateLimiter(server.rate_limit_per_minute),
         extractor=_extractor(config),
@@ -236,9 +242,10 @@ def _error(status: int, message: str, kind: str, headers: dict | None = None) ->
 
 def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(HistopilotError)
-    async def user_error(_request: Request, error: HistopilotError) -> JSONResponse:
+    async def user_error(request: Request, error: HistopilotError) -> JSONResponse:
         status = next((code for kind, code in _STATUS if isinstance(error, kind)), 400)
-        return _error(status, str(error), type(error).__name__)
+        message = request.app.state.histopilot.catalog.public(str(error))
+        return _error(status, message, type(error).__name__)
 
     @app.exception_handler(AuthError)
     async def unauthorised(_request: Request, error: AuthError) -> JSONResponse:

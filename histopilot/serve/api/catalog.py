@@ -127,6 +127,15 @@ class SlideCatalog:
         self._refresh_in_background()
         return list(self._index.listing)
 
+    def public(self, message: str) -> str:
+        """``message`` with the server's folders taken out of any path it names, so errors
+        about a slide name it as the listing does (``nested/a.svs``), never where it lives."""
+        for folder in sorted(
+            (*self.roots, *filter(None, [self.exclude])), key=lambda f: -len(str(f))
+        ):
+            message = message.replace(f"{folder}{os.sep}", "")
+        return message
+
     def find(self, key: str) -> CatalogSlide:
         """The slide whose id or name is ``key``; a bare file name works when it is unique."""
         self._refresh_in_background()

@@ -19,7 +19,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Literal
 
@@ -121,9 +121,14 @@ class ChatTurns:
     """Runs chat turns on worker threads, one at a time per thread."""
 
     def __init__(
-        self, context: AgentContext, checkpointer: BaseCheckpointSaver, pool: ThreadPoolExecutor
+        self,
+        context: AgentContext,
+        checkpointer: BaseCheckpointSaver,
+        pool: ThreadPoolExecutor,
+        scrub: Callable[[str], str],
     ) -> None:
         self.context = context
+        self.scrub = scrub  # takes the server's folders out of error messages
         self.checkpointer = checkpointer
         self._pool = pool
         self._busy: set[str] = set()
@@ -172,7 +177,7 @@ class ChatTurns:
             if error is None:
                 put("reply", future.result())
             elif isinstance(error, HistopilotError):
-                put("error", str(error))
+                put("error", self.scrub(str(error)))
             else:  # reported to the client, never a dead stream
                 log.error("chat turn in %s failed", thread_id, exc_info=error)
                 put("failure", f"internal error ({type(error).__name__}); see the server log")

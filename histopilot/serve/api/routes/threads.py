@@ -7,7 +7,8 @@ from fastapi.concurrency import run_in_threadpool
 from langchain_core.messages import AIMessage, HumanMessage
 from pydantic import BaseModel
 
-from histopilot.agents.chat import citation_of, cited_regions
+from histopilot.agents.chat import cited_regions
+from histopilot.agents.report import cite
 from histopilot.serve.api.registry import ThreadRecord
 from histopilot.serve.api.state import ConflictError, NotFoundError, ServerState, State, User
 from histopilot.tools.report.document import Citation
@@ -64,7 +65,7 @@ async def thread_history(thread_id: str, state: State, user: User) -> ThreadHist
             messages=messages,
             regions=[
                 RegionView(
-                    **citation_of(region).model_dump(),
+                    **cite(region).model_dump(),
                     finding=findings[region.id].text if region.id in findings else None,
                 )
                 for region in sorted(regions.values(), key=lambda r: r.id)
