@@ -18,7 +18,6 @@ from __future__ import annotations
 import re
 import uuid
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypedDict
 
@@ -268,10 +267,9 @@ def analysis_update(
 
     The chat is the reviewer's own conversation, so the analysis does not pause for review.
     """
-    unpaused = replace(context, settings=context.settings.model_copy(update={"review": False}))
     run = run_analysis(
         slide_path,
-        unpaused,
+        context.with_settings(review=False),
         checkpointer,
         question=question,
         thread_id=f"{thread_id}:analysis:{uuid.uuid4().hex[:8]}",

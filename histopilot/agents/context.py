@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -131,14 +131,9 @@ class AgentContext:
         from histopilot.serve.factory import chat_model
 
         config = config or load_config()
-        values = config.agents.model_dump() | {k: v for k, v in overrides.items() if v is not None}
-        try:
-            settings = AgentsConfig.model_validate(values)  # overrides obey the same limits
-        except ValidationError as error:
-            problems = "; ".join(
-                f"{'.'.join(map(str, item['loc']))}: {item['msg']}" for item in error.errors()
-            )
-            raise ConfigError(f"invalid agent settings: {problems}") from None
+        settings = validated_settings(
+            config.agents.model_dump() | {k: v for k, v in overrides.items() if v is not None}
+        )
         roles = ("orchestrator", "describer", "diagnoser", "reporter")
         cache = settings.feature_cache or platformdirs.user_cache_dir("histopilot") + "/features"
         return cls(
@@ -156,6 +151,11 @@ class AgentContext:
             feature_cache=Path(cache),
             slide_mpp=slide_mpp,
         )
+
+    def with_settings(self, **overrides: Any) -> AgentContext:
+        """This context with some ``[agents]`` settings replaced (validated the same way);
+        models, encoder, resources and open slides are shared."""
+        return replace(self, settings=validated_settings(self.settings.model_dump() | overrides))
 
     def workspace(self, slide: SlideRef | str | Path) -> SlideWorkspace:
         """The slide's workspace, opening the slide and running triage's maps on first use.
@@ -202,6 +202,17 @@ class AgentContext:
             for workspace in self._workspaces.values():
                 workspace.slide.close()
             self._workspaces.clear()
+
+
+def validated_settings(values: dict[str, Any]) -> AgentsConfig:
+    """``[agents]`` settings from ``values``, or a :class:`ConfigError` listing what is wrong."""
+    try:
+        return AgentsConfig.model_validate(values)
+    except ValidationError as error:
+        problems = "; ".join(
+            f"{'.'.join(map(str, item['loc']))}: {item['msg']}" for item in error.errors()
+        )
+        raise ConfigError(f"invalid agent settings: {problems}") from None
 
 
 def _mil_head(folder: str | None) -> AttentionMIL | None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -67,13 +66,7 @@ class AnalysisJobs:
             raise TooManyAnalysesError(
                 f"you have {len(pending)} analyses queued or running; start more when one ends."
             )
-        context = self.context
-        if settings:
-            try:
-                updated = context.settings.model_validate(context.settings.model_dump() | settings)
-            except ValueError as error:
-                raise HistopilotError(f"invalid analysis settings: {error}") from None
-            context = replace(context, settings=updated)
+        context = self.context.with_settings(**settings) if settings else self.context
         analysis_id = f"analysis-{uuid.uuid4().hex[:12]}"
         record = self.registry.add_analysis(owner, analysis_id, slide.id, slide.name, question)
         self._pool.submit(self._run, analysis_id, slide, question, context)

@@ -7,12 +7,22 @@ back quickly. Elsewhere the pools run at normal priority.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
+T = TypeVar("T")
 
 BACKGROUND_NICENESS = 10
+
+
+async def run_on(pool: ThreadPoolExecutor, work: Callable[[], T]) -> T:
+    """``work()`` on ``pool``; the event loop waits without holding a thread of its own."""
+    return await asyncio.wrap_future(pool.submit(work))
 
 
 def background_pool(workers: int, name: str) -> ThreadPoolExecutor:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ from histopilot.agents.context import AgentContext
 from histopilot.config import HistopilotConfig
 from histopilot.errors import HistopilotError
 from histopilot.serve.api.analyses import AnalysisJobs
+from histopilot.serve.api.background import run_on
 from histopilot.serve.api.catalog import SlideCatalog
 from histopilot.serve.api.chat import ChatTurns
 from histopilot.serve.api.registry import Registry
@@ -50,7 +50,7 @@ class ServerState:
 
     async def agent_work(self, work: Callable[[], T]) -> T:
         """Run agent work on the agents' pool; the event loop waits without a thread."""
-        return await asyncio.wrap_future(self.agents.submit(work))
+        return await run_on(self.agents, work)
 
 
 def server_state(request: Request) -> ServerState:

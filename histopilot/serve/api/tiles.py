@@ -10,7 +10,6 @@ exposed.
 
 from __future__ import annotations
 
-import asyncio
 import io
 import math
 import os
@@ -28,6 +27,7 @@ from openslide.deepzoom import DeepZoomGenerator
 from PIL import Image
 
 from histopilot.errors import HistopilotError
+from histopilot.serve.api.background import run_on
 from histopilot.serve.api.catalog import CatalogSlide
 from histopilot.slide import Slide, open_slide
 from histopilot.slide.models import SlideInfo
@@ -161,7 +161,7 @@ class TileService:
 
     async def run(self, work: Callable[[], T]) -> T:
         """Run slide work (decoding, encoding) on the tile workers; the event loop waits."""
-        return await asyncio.wrap_future(self._workers.submit(work))
+        return await run_on(self._workers, work)
 
     # -- slides -----------------------------------------------------------------------------
     def opened(self, entry: CatalogSlide) -> OpenedSlide:
