@@ -13,6 +13,8 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import save_file
 
 from histopilot.config import load_config
 from histopilot.errors import ConfigError, HistopilotError
@@ -53,9 +55,16 @@ def parse_vllm_command(command: str) -> tuple[str, dict[str, list[str]]]:
 pytestmark = pytest.mark.usefixtures("isolated_config")
 
 
-def make_adapter(folder: Path) -> None:
+def make_adapter(folder: Path, **config) -> None:
+    """A minimal adapter folder in the layout PEFT writes (one LoRA pair on one projection)."""
     folder.mkdir(parents=True)
-    (folder / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 16}')
+    config = {"peft_type": "LORA", "r": 16, "target_modules": ["q_proj"]} | config
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    prefix = "base_model.model.model.language_model.layers.0.self_attn.q_proj"
+    save_file(
+        {f"{prefix}.lora_A.weight": torch.zeros(16, 8), f"{prefix}.lora_B.weight": torch.zeros(8, 16)},
+        str(folder / "adapter_model.safetensors"),
+    )
 
 
 def test_gpu_profile_is_one_server_with_every_role_adapter(tmp_path):
@@ -85,6 +94,19 @@ def test_gpu_profile_is_one_server_with_every_role_adapter(tmp_path):
     ]
     assert len(server.notes) == 4
     assert server.roles == ["orchestrator", "describer", "diagnoser", "reporter", "extractor"]
+
+
+@pytest.mark.parametrize(
+    ("config", "problem"),
+    [
+        ({"modules_to_save": ["lm_head"]}, "modules_to_save is set"),
+        ({"r": 128}, "rank 128 is above the server's max_lora_rank 64"),
+    ],
+)
+def test_an_adapter_vllm_would_refuse_is_refused_before_a_server_starts(tmp_path, config, problem):
+    make_adapter(tmp_path / "adapters/describer", **config)
+    with pytest.raises(ConfigError, match=problem):
+        plan_servers(load_config(profile="gpu"))
 
 
 def test_models_on_different_ports_get_their_own_server_and_share_the_gpu(tmp_path):

@@ -28,6 +28,7 @@ from pydantic import BaseModel, Field
 from histopilot.config import ROLE_NAMES, HistopilotConfig, RoleConfig
 from histopilot.errors import ConfigError, HistopilotError
 from histopilot.serve.families import family_of
+from histopilot.serve.lora import lora_layout_problems
 
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
 LOCAL_HOSTS = LOOPBACK_HOSTS | {"0.0.0.0", "::"}
@@ -127,6 +128,12 @@ def _server_for(
             continue
         path = Path(settings.adapter_path or "").expanduser()
         if settings.adapter_path and (path / "adapter_config.json").is_file():
+            problems = lora_layout_problems(path, config.vllm.max_lora_rank)
+            if problems:
+                raise ConfigError(
+                    f"roles.{role}.adapter_path {path}: vLLM cannot serve this adapter: "
+                    + "; ".join(problems)
+                )
             lora_modules[settings.adapter] = str(path.resolve())
         elif settings.adapter not in served_names:
             served_names.append(settings.adapter)
