@@ -87,3 +87,11 @@ class SchemaError(HistopilotError):
 
 class ReportInputError(HistopilotError):
     """A report or analysis file cannot be read: missing, malformed, or not the expected kind."""
+
+
+class TrainingDataError(HistopilotError):
+    """Training data cannot be read or converted: missing file, wrong columns, nothing usable."""
+
+
+class FinetuneError(HistopilotError):
+    """A fine-tuning recipe, its model and this machine do not fit together."""

@@ -1,6 +1,8 @@
-"""Fine-tuning recipes.
+"""Fine-tuning recipes, each a YAML file run by ``histopilot finetune KIND --config``.
 
-``diffusion`` trains the conditional tile diffusion model. LoRA supervised fine-tuning of the
-vision-language backbones, contrastive CLIP tuning and the multiple-instance triage head will
-join it.
+``vlm`` trains a LoRA adapter for a vision-language role (served by vLLM), ``clip`` tunes the
+open_clip patch encoder, ``mil`` trains the triage head, and ``diffusion`` the conditional
+tile diffusion model. ``converters`` turns the field's data layouts into the conversation
+dataset the ``vlm`` recipe reads; ``recipe`` holds what every recipe shares (loading,
+overrides, the run card) and ``memory`` the memory estimate each prints before it starts.
 """

@@ -12,7 +12,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import platform
 import re
 import shutil
 import time
@@ -24,15 +23,15 @@ from typing import Literal
 import cv2
 import numpy as np
 import torch
-import yaml
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DModel
 from diffusers.training_utils import EMAModel
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, model_validator
 
-from histopilot import __version__
-from histopilot.errors import ConfigError, DiffusionError
+from histopilot.errors import DiffusionError
+from histopilot.finetune.memory import MemoryEstimate, estimate
+from histopilot.finetune.recipe import Recipe, Strict, loss_summary, write_run_card
 from histopilot.slide.render import save_png
-from histopilot.storage import atomic_directory, atomic_file
+from histopilot.storage import atomic_directory
 from histopilot.tools.diffusion.classifier import random_dihedral, train_classifier
 from histopilot.tools.diffusion.model import TileDiffusion, to_uint8
 from histopilot.tools.diffusion.sampling import generate, timesteps
@@ -41,11 +40,7 @@ from histopilot.tools.images import list_images, read_rgb, side_by_side
 CONDITION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}")
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class DataSpec(_Strict):
+class DataSpec(Strict):
     images: Path = Field(description="Folder of tiles (searched recursively)")
     labels: Path | None = Field(
         default=None, description="CSV with a 'file' column (relative to images) and a label"
@@ -53,7 +48,7 @@ class DataSpec(_Strict):
     column: str = Field(default="label", description="Labels column used as the condition")
 
 
-class UNetSpec(_Strict):
+class UNetSpec(Strict):
     block_out_channels: list[int] = Field(default=[32, 64, 64], min_length=1)
     layers_per_block: int = Field(default=1, ge=1)
     attention: bool = Field(default=False, description="Self-attention in the deepest block")
@@ -66,7 +61,7 @@ class UNetSpec(_Strict):
         return self
 
 
-class TrainSpec(_Strict):
+class TrainSpec(Strict):
     steps: int = Field(default=2000, ge=1)
     batch_size: int = Field(default=16, ge=1)
     learning_rate: float = Field(default=1e-3, gt=0)
@@ -81,7 +76,7 @@ class TrainSpec(_Strict):
     device: str = "cpu"
 
 
-class ClassifierSpec(_Strict):
+class ClassifierSpec(Strict):
     train: bool = Field(
         default=True, description="Train the tile classifier counterfactuals explain"
     )
@@ -90,11 +85,11 @@ class ClassifierSpec(_Strict):
     width: int = Field(default=16, ge=2)
 
 
-class DiffusionRecipe(_Strict):
+class DiffusionRecipe(Recipe):
     """The whole recipe; relative paths are relative to the recipe file."""
 
+    local_or_hub = ("pretrained", "vae")
     data: DataSpec
-    out: Path
     image_size: int = Field(default=64, ge=8, le=1024)
     model: UNetSpec = UNetSpec()
     pretrained: str | None = Field(
@@ -103,38 +98,6 @@ class DiffusionRecipe(_Strict):
     vae: str | None = Field(default=None, description="AutoencoderKL folder: train on latents")
     train: TrainSpec = TrainSpec()
     classifier: ClassifierSpec = ClassifierSpec()
-
-    @classmethod
-    def load(cls, path: str | Path) -> DiffusionRecipe:
-        path = Path(path)
-        try:
-            raw = yaml.safe_load(path.read_text())
-        except FileNotFoundError as error:
-            raise ConfigError(f"no recipe file at {path}") from error
-        except yaml.YAMLError as error:
-            raise ConfigError(f"{path} is not valid YAML: {error}") from error
-        try:
-            recipe = cls.model_validate(raw or {})
-        except ValidationError as error:
-            raise ConfigError(f"{path}: {error}") from error
-        return recipe.relative_to(path.parent)
-
-    def relative_to(self, base: Path) -> DiffusionRecipe:
-        def resolve(value: Path | None) -> Path | None:
-            return None if value is None or value.is_absolute() else base / value
-
-        data = self.data.model_copy(
-            update={
-                "images": resolve(self.data.images) or self.data.images,
-                "labels": resolve(self.data.labels) or self.data.labels,
-            }
-        )
-        local = {
-            name: str(base / value)
-            for name in ("pretrained", "vae")
-            if (value := getattr(self, name)) and (base / value).exists()
-        }
-        return self.model_copy(update={"data": data, "out": resolve(self.out) or self.out, **local})
 
 
 class TrainingResult(BaseModel):
@@ -231,6 +194,32 @@ def build_model(recipe: DiffusionRecipe, conditions: list[str]) -> TileDiffusion
     return TileDiffusion(unet, scheduler, conditions, recipe.image_size, vae)
 
 
+def expected_memory(recipe: DiffusionRecipe) -> MemoryEstimate:
+    """Float32 UNet weights with AdamW and EMA copies, and one batch's activations: at each
+    resolution the down and up paths keep about six feature maps per ResNet layer."""
+    spec = recipe.model
+    with torch.device("meta"):
+        unet = UNet2DModel(
+            sample_size=recipe.image_size,
+            block_out_channels=tuple(spec.block_out_channels),
+            layers_per_block=spec.layers_per_block,
+            down_block_types=("DownBlock2D",) * len(spec.block_out_channels),
+            up_block_types=("UpBlock2D",) * len(spec.block_out_channels),
+            norm_num_groups=spec.norm_num_groups,
+        )
+    parameters = sum(p.numel() for p in unet.parameters())
+    maps = sum(
+        2 * (spec.layers_per_block + 1) * 6 * channels * (recipe.image_size // 2**level) ** 2
+        for level, channels in enumerate(spec.block_out_channels)
+    )
+    return estimate(
+        weights=parameters * 4,  # the EMA copy
+        trainable_parameters=parameters,
+        activations=recipe.train.batch_size * maps * 4,
+        device=recipe.train.device,
+    )
+
+
 def train_diffusion(
     recipe: DiffusionRecipe,
     *,
@@ -299,7 +288,7 @@ def train_diffusion(
     with _ema_weights(ema, model):
         saved = model.save_pretrained(recipe.out / "model")
     classifier, oracle = _classifiers(recipe, tiles, labels)
-    card = _run_card(recipe, len(tiles), data_sha, losses, time.perf_counter() - started, model)
+    card = _run_card(recipe, len(tiles), data_sha, losses, started, model)
     return TrainingResult(
         model=saved, classifier=classifier, oracle=oracle, run_card=card, steps=step, losses=losses
     )
@@ -411,32 +400,11 @@ def _classifiers(recipe, tiles, labels) -> tuple[Path | None, Path | None]:
     return path, second.save(recipe.out / "oracle")
 
 
-def _run_card(recipe, tiles: int, data_sha: str, losses, seconds, model) -> Path:
-    tenth = max(1, len(losses) // 10)
-    card = {
-        "recipe": json.loads(recipe.model_dump_json()),
-        "data": {"tiles": tiles, "sha256": data_sha, "conditions": model.conditions},
-        "parameters": sum(p.numel() for p in model.unet.parameters()),
-        "metrics": {
-            "steps": len(losses),
-            "loss_first_tenth": float(np.mean(losses[:tenth])) if losses else None,
-            "loss_last_tenth": float(np.mean(losses[-tenth:])) if losses else None,
-        },
-        "seconds": round(seconds, 1),
-        "versions": _versions(),
-    }
-    path = recipe.out / "run.json"
-    with atomic_file(path) as tmp:
-        tmp.write_text(json.dumps(card, indent=2) + "\n")
-    return path
-
-
-def _versions() -> dict[str, str]:
-    import diffusers
-
-    return {
-        "histopilot": __version__,
-        "torch": torch.__version__,
-        "diffusers": diffusers.__version__,
-        "python": platform.python_version(),
-    }
+def _run_card(recipe, tiles: int, data_sha: str, losses, started: float, model) -> Path:
+    return write_run_card(
+        recipe,
+        data={"tiles": tiles, "sha256": data_sha, "conditions": model.conditions},
+        metrics={"steps": len(losses)} | loss_summary(losses),
+        started=started,
+        extra={"parameters": sum(p.numel() for p in model.unet.parameters())},
+    )

@@ -1,0 +1,190 @@
+"""What every training recipe shares: a YAML file validated by Pydantic, command-line
+overrides, the effective configuration printed before training, and a run card after it.
+
+A recipe is a file path or the name of one shipped in ``histopilot/finetune/recipes``
+(``histopilot finetune vlm --config qwen2.5-vl-7b``). Relative paths in a file are relative to
+that file; in a shipped recipe, to the working folder. ``--set train.steps=50`` changes one
+field without editing the file, with the value read as YAML.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import time
+from collections.abc import Iterable
+from importlib import metadata, resources
+from pathlib import Path
+from typing import Any, ClassVar, Self
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from histopilot import __version__
+from histopilot.errors import ConfigError
+from histopilot.storage import atomic_file
+
+RUN_CARD = "run.json"
+_RECIPES = resources.files("histopilot.finetune") / "recipes"
+#: Libraries whose versions decide whether a run can be reproduced.
+_LIBRARIES = (
+    "torch",
+    "transformers",
+    "peft",
+    "trl",
+    "accelerate",
+    "datasets",
+    "open_clip_torch",
+    "diffusers",
+    "bitsandbytes",
+)
+
+
+class Strict(BaseModel):
+    """A recipe section: unknown keys are typos, and a typo must not silently do nothing."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class Recipe(Strict):
+    """Base of every recipe: where its outputs go, and how it is loaded."""
+
+    out: Path
+    #: String fields naming a model by hub id *or* local folder; made absolute when local.
+    local_or_hub: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def load(cls, source: str | Path, overrides: Iterable[str] = ()) -> Self:
+        path, base = _locate(source)
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path} is not valid YAML: {error}") from error
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path} must hold a mapping of recipe fields")
+        for override in overrides:
+            _apply(raw, override)
+        try:
+            recipe = cls.model_validate(raw)
+        except ValidationError as error:
+            raise ConfigError(f"{path}: {error}") from error
+        return recipe.relative_to(base)
+
+    def relative_to(self, base: Path) -> Self:
+        """Paths resolved against ``base``; model names only where such a folder exists."""
+        resolved = _resolve_paths(self, base)
+        local = {
+            name: str(base / value)
+            for name in self.local_or_hub
+            if (value := getattr(resolved, name)) and (base / value).exists()
+        }
+        return resolved.model_copy(update=local)
+
+    def effective(self) -> str:
+        """The recipe as YAML after defaults and overrides: what the run will actually do."""
+        return yaml.safe_dump(json.loads(self.model_dump_json()), sort_keys=False).rstrip()
+
+
+def shipped_recipes() -> dict[str, str]:
+    """Name → first line of description of every recipe shipped with histopilot."""
+    found = {}
+    for entry in _RECIPES.iterdir():
+        if entry.name.endswith(".yaml"):
+            first = entry.read_text(encoding="utf-8").splitlines()[0]
+            found[entry.name.removesuffix(".yaml")] = first.lstrip("# ").strip()
+    return dict(sorted(found.items()))
+
+
+def _locate(source: str | Path) -> tuple[Path, Path]:
+    path = Path(source).expanduser()
+    if path.is_file():
+        return path, path.parent
+    shipped = shipped_recipes()
+    if str(source) in shipped:
+        packaged = _RECIPES / f"{source}.yaml"
+        return Path(str(packaged)), Path.cwd()
+    raise ConfigError(
+        f"no recipe file at {path}, and no shipped recipe of that name "
+        f"(shipped: {', '.join(shipped) or 'none'})"
+    )
+
+
+def _apply(raw: dict, override: str) -> None:
+    key, sep, value = override.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set takes KEY=VALUE (e.g. train.steps=50), not {override!r}")
+    *parents, leaf = key.strip().split(".")
+    node = raw
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {key}: {part} is not a section")
+    try:
+        node[leaf] = yaml.safe_load(value)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"--set {key}: {value!r} is not a YAML value: {error}") from error
+
+
+def _resolve_paths(model: BaseModel, base: Path) -> Any:
+    update: dict[str, Any] = {}
+    for name in type(model).model_fields:
+        value = getattr(model, name)
+        if isinstance(value, Path) and not value.is_absolute():
+            update[name] = base / value.expanduser()
+        elif isinstance(value, BaseModel):
+            update[name] = _resolve_paths(value, base)
+    return model.model_copy(update=update)
+
+
+def file_digest(paths: Iterable[Path], digest: Any | None = None) -> str:
+    """SHA-256 over the bytes of ``paths`` in the order given: the run card's data hash."""
+    digest = digest or hashlib.sha256()
+    for path in paths:
+        with path.open("rb") as handle:
+            while chunk := handle.read(1 << 20):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def versions() -> dict[str, str]:
+    """histopilot, Python and the installed training libraries, as the run card records them."""
+    found = {"histopilot": __version__, "python": platform.python_version()}
+    for name in _LIBRARIES:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return found
+
+
+def write_run_card(
+    recipe: Recipe,
+    *,
+    data: dict[str, Any],
+    metrics: dict[str, Any],
+    started: float,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """``run.json`` beside the outputs: recipe, data hash, metrics, versions and wall time."""
+    card = {
+        "recipe": json.loads(recipe.model_dump_json()),
+        "data": data,
+        "metrics": metrics,
+        **(extra or {}),
+        "seconds": round(time.perf_counter() - started, 1),
+        "versions": versions(),
+    }
+    path = recipe.out / RUN_CARD
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
+    return path
+
+
+def loss_summary(losses: list[float]) -> dict[str, float | None]:
+    """Mean loss over the first and last tenth of the logged losses: did it fall."""
+    tenth = max(1, len(losses) // 10)
+    return {
+        "loss_first_tenth": sum(losses[:tenth]) / tenth if losses else None,
+        "loss_last_tenth": sum(losses[-tenth:]) / tenth if losses else None,
+    }
