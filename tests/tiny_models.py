@@ -43,8 +43,14 @@ SPECIAL_TOKENS = [
 ]
 
 
-def tiny_vlm(seed: int = 0) -> tuple[Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor]:
-    """A 2-layer Qwen2.5-VL and its processor, with histopilot's tool-capable chat template."""
+def tiny_vlm(
+    seed: int = 0, *, text: dict | None = None, vision: dict | None = None, build: bool = True
+) -> tuple[Qwen2_5_VLForConditionalGeneration | Qwen2_5_VLConfig, Qwen2_5_VLProcessor]:
+    """A 2-layer Qwen2.5-VL and its processor, with histopilot's tool-capable chat template.
+
+    ``text`` and ``vision`` override sizes of the two configs (a benchmark builds one at a real
+    model's width); with ``build=False`` the config comes back instead of the model.
+    """
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     backend = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -77,7 +83,8 @@ def tiny_vlm(seed: int = 0) -> tuple[Qwen2_5_VLForConditionalGeneration, Qwen2_5
             "eos_token_id": ids["<|im_end|>"],
             "bos_token_id": ids["<|endoftext|>"],
             "pad_token_id": ids["<|endoftext|>"],
-        },
+        }
+        | (text or {}),
         vision_config={
             "depth": 2,
             "hidden_size": 32,
@@ -85,12 +92,15 @@ def tiny_vlm(seed: int = 0) -> tuple[Qwen2_5_VLForConditionalGeneration, Qwen2_5
             "num_heads": 4,
             "out_hidden_size": 64,
             "fullatt_block_indexes": [1],
-        },
+        }
+        | (vision or {}),
         image_token_id=ids["<|image_pad|>"],
         video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"],
         vision_end_token_id=ids["<|vision_end|>"],
     )
+    if not build:
+        return config, processor
     torch.manual_seed(seed)
     model = Qwen2_5_VLForConditionalGeneration(config)
     model.generation_config.eos_token_id = ids["<|im_end|>"]
