@@ -25,6 +25,7 @@ from rich.table import Table
 from histopilot import __version__
 from histopilot.config import ROLE_NAMES, HistopilotConfig, available_profiles, load_config
 from histopilot.errors import HistopilotError, ImageInputError, OutputError
+from histopilot.finetune.recipe import loss_summary, shipped_recipes
 from histopilot.serve.vllm_launch import LaunchPlan, VLLMServer, plan_servers, run_servers
 from histopilot.slide import Slide, SlideInfo, detect_tissue, open_slide
 from histopilot.slide.demo import build_demo_slide
@@ -1163,42 +1164,216 @@ ModelFolder = Annotated[
 Steps = Annotated[int, typer.Option("--steps", min=1, help="DDIM steps.")]
 
 
+RecipeFile = Annotated[
+    str, typer.Option("--config", help="Recipe: a YAML file, or a shipped recipe's name.")
+]
+RecipeOut = Annotated[Path | None, typer.Option("--out", help="Override the recipe's out.")]
+RecipeSet = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Override one field, e.g. --set train.steps=50 (repeatable)."),
+]
+Resume = Annotated[
+    bool, typer.Option("--resume/--restart", help="Continue from the last checkpoint.")
+]
+
+
+def _recipe(kind, config: str, out: Path | None, overrides: list[str] | None):
+    """Load a recipe, apply --out and --set, and print what will run."""
+    recipe = kind.load(config, overrides or ())
+    if out is not None:
+        recipe = recipe.model_copy(update={"out": out})
+    stderr.print(escape(recipe.effective()), highlight=False)
+    return recipe
+
+
+def _train_progress(progress: Progress, total: int):
+    task = progress.add_task("training", total=total)
+
+    def advance(step: int, of: int, loss: float) -> None:
+        progress.update(task, completed=step, total=of, description=f"loss {loss:.4f}")
+
+    return advance
+
+
+def _announce(line: str) -> None:
+    stderr.print(line, highlight=False)
+
+
+@finetune_app.command("recipes")
+@reports_user_errors
+def finetune_recipes(as_json: AsJson = False) -> None:
+    """List the recipes shipped with histopilot (pass a name to --config)."""
+    recipes = shipped_recipes()
+    if as_json:
+        _print_json(recipes)
+        return
+    for name, description in recipes.items():
+        stderr.print(f"[bold]{name}[/]  {escape(description)}", highlight=False)
+
+
+@finetune_app.command("vlm")
+@reports_user_errors
+def finetune_vlm(
+    config: RecipeFile,
+    out: RecipeOut = None,
+    overrides: RecipeSet = None,
+    resume: Resume = True,
+    as_json: AsJson = False,
+) -> None:
+    """LoRA fine-tuning of a vision-language model (TRL SFT); writes a vLLM-servable adapter."""
+    from histopilot.finetune.vlm import VLMRecipe, expected_memory, train_vlm
+
+    recipe = _recipe(VLMRecipe, config, out, overrides)
+    memory = expected_memory(recipe)
+    _announce(memory.line() if memory else "expected memory: unknown (model config not found)")
+    with _progress() as progress:
+        advance = _train_progress(progress, recipe.train.steps or 0)
+
+        def on_log(step: int, of: int, logs: dict[str, float]) -> None:
+            if "loss" in logs:
+                advance(step, of, logs["loss"])
+
+        result = train_vlm(recipe, resume=resume, on_progress=on_log)
+    summary = result.model_dump(mode="json", exclude={"losses"}) | loss_summary(result.losses)
+    line = (
+        f"{result.steps} steps; adapter → {result.adapter}; eval {result.eval_before} → "
+        f"{result.eval_after}; {result.skipped} records skipped\n"
+        f"Serve it: add to histopilot.toml\n{result.serve_config}"
+    )
+    _report(summary, as_json, escape(line))
+
+
+@finetune_app.command("clip")
+@reports_user_errors
+def finetune_clip(
+    config: RecipeFile, out: RecipeOut = None, overrides: RecipeSet = None, as_json: AsJson = False
+) -> None:
+    """Contrastive fine-tuning of an open_clip model (LoRA or full); recall before and after."""
+    from histopilot.finetune.clip import ClipRecipe, train_clip
+
+    recipe = _recipe(ClipRecipe, config, out, overrides)
+    with _progress() as progress:
+        advance = _train_progress(progress, recipe.train.steps)
+        result = train_clip(recipe, on_progress=advance, announce=_announce)
+    summary = result.model_dump(mode="json", exclude={"losses"}) | loss_summary(result.losses)
+    line = (
+        f"model → {result.model}\nbefore: {result.before}\nafter:  {result.after}\n"
+        f'Use it: [encoders] patch = "{result.encoder}"'
+    )
+    _report(summary, as_json, escape(line))
+
+
+@finetune_app.command("mil")
+@reports_user_errors
+def finetune_mil(
+    config: RecipeFile, out: RecipeOut = None, overrides: RecipeSet = None, as_json: AsJson = False
+) -> None:
+    """Train the attention-MIL triage head on slide features; AUC on validation slides."""
+    from histopilot.finetune.mil import MILRecipe, train_mil
+
+    recipe = _recipe(MILRecipe, config, out, overrides)
+    with _progress() as progress:
+        advance = _train_progress(progress, recipe.train.epochs)
+        result = train_mil(recipe, on_progress=advance, announce=_announce)
+    summary = result.model_dump(mode="json", exclude={"losses"}) | loss_summary(result.losses)
+    line = (
+        f"head → {result.head} (epoch {result.best_epoch}); validation {result.validation} "
+        f"(chance {result.chance})\nUse it: add to histopilot.toml\n{result.agents_config}"
+    )
+    _report(summary, as_json, escape(line))
+
+
 @finetune_app.command("diffusion")
 @reports_user_errors
 def finetune_diffusion(
-    config: Annotated[Path, typer.Option("--config", help="Recipe (YAML).")],
-    out: Annotated[Path | None, typer.Option("--out", help="Override the recipe's out.")] = None,
-    resume: Annotated[
-        bool, typer.Option("--resume/--restart", help="Continue from the last checkpoint.")
-    ] = True,
+    config: RecipeFile,
+    out: RecipeOut = None,
+    overrides: RecipeSet = None,
+    resume: Resume = True,
     as_json: AsJson = False,
 ) -> None:
     """Train the conditional tile diffusion model (EMA, checkpoints, sample grids, resume)."""
-    import yaml
+    from histopilot.finetune.diffusion import DiffusionRecipe, expected_memory, train_diffusion
 
-    from histopilot.finetune.diffusion import DiffusionRecipe, train_diffusion
-
-    recipe = DiffusionRecipe.load(config)
-    if out is not None:
-        recipe = recipe.model_copy(update={"out": out})
+    recipe = _recipe(DiffusionRecipe, config, out, overrides)
     if not resume and (recipe.out / "checkpoints").exists():
         import shutil
 
         shutil.rmtree(recipe.out / "checkpoints")
-    stderr.print(yaml.safe_dump(json.loads(recipe.model_dump_json()), sort_keys=False).rstrip())
+    _announce(expected_memory(recipe).line())
     with _progress() as progress:
-        task = progress.add_task("training", total=recipe.train.steps)
-
-        def advance(step: int, loss: float) -> None:
-            progress.update(task, completed=step, description=f"loss {loss:.4f}")
-
-        result = train_diffusion(recipe, resume=resume, on_step=advance)
-    tenth = max(1, len(result.losses) // 10)
-    summary = result.model_dump(mode="json", exclude={"losses"}) | {
-        "loss_first_tenth": sum(result.losses[:tenth]) / tenth,
-        "loss_last_tenth": sum(result.losses[-tenth:]) / tenth,
-    }
+        advance = _train_progress(progress, recipe.train.steps)
+        result = train_diffusion(
+            recipe,
+            resume=resume,
+            on_step=lambda step, loss: advance(step, recipe.train.steps, loss),
+        )
+    summary = result.model_dump(mode="json", exclude={"losses"}) | loss_summary(result.losses)
     _report(summary, as_json, f"{result.steps} steps; model → {result.model}")
+
+
+@finetune_app.command("convert")
+@reports_user_errors
+def finetune_convert(
+    source: Annotated[Path, typer.Argument(help="LLaVA JSON, a table, or analyses folder.")],
+    fmt: Annotated[str, typer.Option("--from", help="llava | vqa | captions | analyses.")],
+    out: Annotated[Path, typer.Option("--out", help="Dataset folder to write.")],
+    image_root: Annotated[
+        Path | None, typer.Option("--images", help="Folder image paths are relative to.")
+    ] = None,
+    image_column: Annotated[str, typer.Option(help="Table column naming the image.")] = "image",
+    question_column: Annotated[str, typer.Option(help="VQA question column.")] = "question",
+    answer_column: Annotated[str, typer.Option(help="VQA answer column.")] = "answer",
+    caption_column: Annotated[str, typer.Option(help="Caption column.")] = "caption",
+    prompt: Annotated[str | None, typer.Option(help="Question asked of each caption.")] = None,
+    include_drafts: Annotated[
+        bool, typer.Option(help="Analyses: also use reports nobody reviewed.")
+    ] = False,
+    slides: Annotated[
+        Path | None, typer.Option("--slides", help="Analyses: folder the slides moved to.")
+    ] = None,
+    as_json: AsJson = False,
+) -> None:
+    """Convert training data into histopilot's conversation dataset (with a skip report)."""
+    from histopilot.finetune.converters import DESCRIBE_PROMPT, convert
+
+    if fmt not in ("llava", "vqa", "captions", "analyses"):
+        raise typer.BadParameter("--from takes llava, vqa, captions or analyses")
+    report = convert(
+        source,
+        out,
+        fmt,  # type: ignore[arg-type]
+        image_root=image_root,
+        image_column=image_column,
+        question_column=question_column,
+        answer_column=answer_column,
+        caption_column=caption_column,
+        prompt=prompt or DESCRIBE_PROMPT,
+        include_drafts=include_drafts,
+        slide_root=slides,
+    )
+    summary = report.model_dump(mode="json") | {"by_reason": report.by_reason, "out": str(out)}
+    _report(summary, as_json, f"{report.summary()} → {out} (details in {out}/skipped.json)")
+
+
+@finetune_app.command("export")
+@reports_user_errors
+def finetune_export(
+    dataset: Annotated[Path, typer.Argument(help="Conversation dataset folder or .jsonl.")],
+    fmt: Annotated[str, typer.Option("--to", help="llava | vqa | captions.")],
+    out: Annotated[Path, typer.Option("--out", help="File to write (.json or .csv).")],
+    as_json: AsJson = False,
+) -> None:
+    """Write a conversation dataset as LLaVA JSON, a VQA table or a caption table."""
+    from histopilot.finetune.conversations import read_conversations
+    from histopilot.finetune.converters import export_dataset
+
+    if fmt not in ("llava", "vqa", "captions"):
+        raise typer.BadParameter("--to takes llava, vqa or captions")
+    conversations, report, root = read_conversations(dataset)
+    rows = export_dataset(conversations, root, fmt, out)  # type: ignore[arg-type]
+    summary = {"rows": rows, "out": str(out), "skipped": len(report.skipped)}
+    _report(summary, as_json, f"{rows} rows → {out}; {report.summary()}")
 
 
 @diffusion_app.command("transfer")
