@@ -44,12 +44,12 @@ SPECIAL_TOKENS = [
 
 
 def tiny_vlm(
-    seed: int = 0, *, text: dict | None = None, vision: dict | None = None, build: bool = True
-) -> tuple[Qwen2_5_VLForConditionalGeneration | Qwen2_5_VLConfig, Qwen2_5_VLProcessor]:
+    seed: int = 0, *, text: dict | None = None, vision: dict | None = None
+) -> tuple[Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor]:
     """A 2-layer Qwen2.5-VL and its processor, with histopilot's tool-capable chat template.
 
     ``text`` and ``vision`` override sizes of the two configs (a benchmark builds one at a real
-    model's width); with ``build=False`` the config comes back instead of the model.
+    model's width).
     """
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     backend = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
@@ -99,8 +99,6 @@ def tiny_vlm(
         vision_start_token_id=ids["<|vision_start|>"],
         vision_end_token_id=ids["<|vision_end|>"],
     )
-    if not build:
-        return config, processor
     torch.manual_seed(seed)
     model = Qwen2_5_VLForConditionalGeneration(config)
     model.generation_config.eos_token_id = ids["<|im_end|>"]

@@ -110,6 +110,10 @@ class VLMRecipe(Recipe):
     )
     max_length: int | None = Field(None, gt=0, description="Token cap (None: never cut images)")
     merge: bool = Field(False, description="Also write the base model with the adapter merged")
+    adapter_dir: Path | None = Field(
+        None, description="Where the adapter goes (default: out/adapter); the gpu profile "
+        "reads adapters/<role>",
+    )  # fmt: skip
     role: str = Field("describer", description="Agent role the adapter is for")
     adapter_name: str = Field("histopilot-describer", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     train: VLMTrain = VLMTrain()
@@ -171,7 +175,7 @@ def train_vlm(
     trainer.train(resume_from_checkpoint=str(latest) if latest else None)
     eval_after = _evaluate(trainer) if eval_set is not None else {}
 
-    adapter = recipe.out / "adapter"
+    adapter = recipe.adapter_dir or recipe.out / "adapter"
     with atomic_directory(adapter) as building:
         trainer.save_model(str(building))
         _name_base_model(building, recipe.model)
