@@ -30,6 +30,7 @@ import csv
 import importlib.util
 import itertools
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -55,7 +56,11 @@ from histopilot.finetune.vlm import (
 )
 from tests.tiny_models import save, tiny_vlm
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "patches" / "crc_val_he_7k"
+DATA = (
+    Path(os.environ.get("HISTOPILOT_TEST_DATA", Path(__file__).parents[2] / "shared" / "data"))
+    / "patches"
+    / "crc_val_he_7k"
+)
 IMAGE_PIXELS = 448 * 448  # 16 × 16 merged patches: 256 image tokens
 #: Qwen2.5-VL-7B's widths with 4 decoder layers and 4 vision blocks.
 WIDE_TEXT = {

@@ -25,7 +25,7 @@ from rich.table import Table
 from histopilot import __version__
 from histopilot.config import ROLE_NAMES, HistopilotConfig, available_profiles, load_config
 from histopilot.errors import HistopilotError, ImageInputError, OutputError
-from histopilot.finetune.recipe import loss_summary, shipped_recipes
+from histopilot.finetune.recipe import RunResult, loss_summary, shipped_recipes
 from histopilot.serve.vllm_launch import LaunchPlan, VLLMServer, plan_servers, run_servers
 from histopilot.slide import Slide, SlideInfo, detect_tissue, open_slide
 from histopilot.slide.demo import build_demo_slide
@@ -1179,9 +1179,7 @@ Resume = Annotated[
 
 def _recipe(kind, config: str, out: Path | None, overrides: list[str] | None):
     """Load a recipe, apply --out and --set, and print what will run."""
-    recipe = kind.load(config, overrides or ())
-    if out is not None:
-        recipe = recipe.model_copy(update={"out": out})
+    recipe = kind.load(config, overrides or (), out=out)
     stderr.print(escape(recipe.effective()), highlight=False)
     return recipe
 
@@ -1193,6 +1191,17 @@ def _train_progress(progress: Progress, total: int):
         progress.update(task, completed=step, total=of, description=f"loss {loss:.4f}")
 
     return advance
+
+
+def _train(train: Callable[..., R], recipe, total: int) -> R:
+    """Run a recipe that reports (step, of, loss) and announces its memory estimate."""
+    with _progress() as progress:
+        return train(recipe, on_progress=_train_progress(progress, total), announce=_announce)
+
+
+def _report_run(result: RunResult, as_json: bool, line: str) -> None:
+    summary = result.model_dump(mode="json", exclude={"losses"}) | loss_summary(result.losses)
+    _report(summary, as_json, escape(line))
 
 
 def _announce(line: str) -> None:
@@ -1234,13 +1243,13 @@ def finetune_vlm(
                 advance(step, of, logs["loss"])
 
         result = train_vlm(recipe, resume=resume, on_progress=on_log)
-    summary = result.model_dump(mode="json", exclude={"losses"}) | loss_summary(result.losses)
-    line = (
+    _report_run(
+        result,
+        as_json,
         f"{result.steps} steps; adapter → {result.adapter}; eval {result.eval_before} → "
         f"{result.eval_after}; {result.skipped} records skipped\n"
-        f"Serve it: add to histopilot.toml\n{result.serve_config}"
+        f"Serve it: add to histopilot.toml\n{result.serve_config}",
     )
-    _report(summary, as_json, escape(line))
 
 
 @finetune_app.command("clip")
@@ -1252,15 +1261,13 @@ def finetune_clip(
     from histopilot.finetune.clip import ClipRecipe, train_clip
 
     recipe = _recipe(ClipRecipe, config, out, overrides)
-    with _progress() as progress:
-        advance = _train_progress(progress, recipe.train.steps)
-        result = train_clip(recipe, on_progress=advance, announce=_announce)
-    summary = result.model_dump(mode="json", exclude={"losses"}) | loss_summary(result.losses)
-    line = (
+    result = _train(train_clip, recipe, recipe.train.steps)
+    _report_run(
+        result,
+        as_json,
         f"model → {result.model}\nbefore: {result.before}\nafter:  {result.after}\n"
-        f'Use it: [encoders] patch = "{result.encoder}"'
+        f'Use it: [encoders] patch = "{result.encoder}"',
     )
-    _report(summary, as_json, escape(line))
 
 
 @finetune_app.command("mil")
@@ -1272,15 +1279,14 @@ def finetune_mil(
     from histopilot.finetune.mil import MILRecipe, train_mil
 
     recipe = _recipe(MILRecipe, config, out, overrides)
-    with _progress() as progress:
-        advance = _train_progress(progress, recipe.train.epochs)
-        result = train_mil(recipe, on_progress=advance, announce=_announce)
-    summary = result.model_dump(mode="json", exclude={"losses"}) | loss_summary(result.losses)
-    line = (
+    result = _train(train_mil, recipe, recipe.train.epochs)
+    _report_run(
+        result,
+        as_json,
         f"head → {result.head} (epoch {result.best_epoch}); validation {result.validation} "
-        f"(chance {result.chance})\nUse it: add to histopilot.toml\n{result.agents_config}"
+        f"(chance {result.chance}); risk = P({' or '.join(result.risk_classes)})\n"
+        f"Use it: add to histopilot.toml\n{result.agents_config}",
     )
-    _report(summary, as_json, escape(line))
 
 
 @finetune_app.command("diffusion")
@@ -1308,8 +1314,7 @@ def finetune_diffusion(
             resume=resume,
             on_step=lambda step, loss: advance(step, recipe.train.steps, loss),
         )
-    summary = result.model_dump(mode="json", exclude={"losses"}) | loss_summary(result.losses)
-    _report(summary, as_json, f"{result.steps} steps; model → {result.model}")
+    _report_run(result, as_json, f"{result.steps} steps; model → {result.model}")
 
 
 @finetune_app.command("convert")

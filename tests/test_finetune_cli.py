@@ -62,32 +62,34 @@ def test_convert_then_export_from_the_command_line(captions, test_data, tmp_path
     assert len(json.loads((tmp_path / "llava.json").read_text())) == 16
 
 
-def test_vlm_recipe_from_yaml_with_overrides(captions, test_data, tmp_path):
+def test_vlm_recipe_from_yaml_with_overrides(captions, test_data, tmp_path, isolated_config):
     base = save(*tiny_vlm(), tmp_path / "base")
     runner.invoke(
         app,
         ["finetune", "convert", str(captions), "--from", "captions",
-         "--images", str(test_data / "patches" / "crc_val_he_7k"), "--out", str(tmp_path / "data")],
+         "--images", str(test_data / "patches" / "crc_val_he_7k"), "--out", "data"],
     )  # fmt: skip
     recipe = {
-        "model": "base",  # relative to the recipe file
-        "data": {"train": "data", "eval_fraction": 0.25},
+        "model": "../base",  # relative to the recipe file
+        "data": {"train": "../somewhere-else", "eval_fraction": 0.25},
         "max_image_pixels": 3136,
         "train": {"steps": 50, "batch_size": 2, "gradient_accumulation": 1, "device": "cpu"},
-        "out": "run",
+        "out": "../run",
     }
-    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "recipes" / "describer.yaml").write_text(yaml.safe_dump(recipe))
 
     result = runner.invoke(
         app,
-        ["finetune", "vlm", "--config", str(tmp_path / "recipe.yaml"),
-         "--set", "train.steps=2", "--set", "lora.r=4", "--json"],
+        ["finetune", "vlm", "--config", "recipes/describer.yaml", "--set", "train.steps=2",
+         "--set", "lora.r=4", "--set", "data.train=data", "--json"],
     )  # fmt: skip
 
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert summary["steps"] == 2 and Path(summary["adapter"]) == tmp_path / "run" / "adapter"
     assert "steps: 2" in result.stderr and "r: 4" in result.stderr  # the effective recipe
+    assert f"train: {tmp_path / 'data'}" in result.stderr  # typed paths: from the shell's folder
     assert "expected memory ≈" in result.stderr
     assert f"model: {base}" in result.stderr
 

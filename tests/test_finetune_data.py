@@ -158,6 +158,11 @@ def test_caption_parquet_with_embedded_images_round_trips(images, tmp_path):
     report = convert(table, tmp_path / "captions", "captions", caption_column="text")
 
     assert report.kept == 2 and report.skipped[0].reason.startswith("unreadable image")
+    # JSON Lines cannot carry bytes: a string where bytes belong is reported, not a crash.
+    lines = images / "captions.jsonl"
+    lines.write_text(json.dumps({"image": {"bytes": "not bytes"}, "caption": "x"}) + "\n")
+    with pytest.raises(TrainingDataError, match="1 × unreadable image"):
+        convert(lines, tmp_path / "from-json", "captions")
     conversations, _, root = read_conversations(tmp_path / "captions")
     assert all((root / c.images[0]).parent == root / "images" for c in conversations)
     export_dataset(conversations, root, "captions", tmp_path / "captions.csv")
@@ -204,6 +209,23 @@ def test_reviewed_analyses_become_region_crops_with_their_findings(
     report = convert(tmp_path / "analyses", tmp_path / "reviewed", "analyses")
 
     assert report.kept == len(findings)
+
+    # A second analysis of the same slide that looked elsewhere gets crops of its own, and a
+    # file that is not an analysis is reported.
+    again = json.loads((folder / "analysis.json").read_text())
+    again["thread_id"] = "t2"
+    for region in again["regions"].values():
+        region["x"] += 16
+    (tmp_path / "analyses" / "case-2").mkdir()
+    (tmp_path / "analyses" / "case-2" / "analysis.json").write_text(json.dumps(again))
+    (tmp_path / "analyses" / "case-3").mkdir()
+    (tmp_path / "analyses" / "case-3" / "analysis.json").write_text('{"slide": 42}')
+    both = convert(tmp_path / "analyses", tmp_path / "both", "analyses")
+    assert both.kept == 2 * len(findings)
+    assert both.skipped[0].reason.startswith("invalid record: not a histopilot analysis")
+    named, _, _ = read_conversations(tmp_path / "both")
+    assert len({c.images[0] for c in named}) == 2 * len(findings)
+
     conversations, _, root = read_conversations(tmp_path / "reviewed")
     for conversation in conversations:
         region_id = conversation.id.rsplit("/", 1)[-1]

@@ -10,10 +10,14 @@ import h5py
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
+from safetensors import safe_open
+from typer.testing import CliRunner
 
 from histopilot.agents.mil import load_mil_head
-from histopilot.errors import FinetuneError, TrainingDataError
+from histopilot.cli import app
+from histopilot.errors import FinetuneError, OutputError, TrainingDataError
 from histopilot.finetune.clip import (
     ClipRecipe,
     evaluate_clip,
@@ -23,29 +27,13 @@ from histopilot.finetune.clip import (
 )
 from histopilot.finetune.mil import MILRecipe, train_mil
 from histopilot.retrieval.encoders import load_encoder
+from tests.crc_patches import TISSUE, crc_rows, split_by_patch
 from tests.tiny_encoders import save_tiny_open_clip
-
-TISSUE = {
-    "ADI": "adipose tissue", "DEB": "necrotic debris", "LYM": "lymphocytes", "MUC": "mucus",
-    "MUS": "smooth muscle", "NORM": "normal colonic mucosa", "STR": "tumour stroma",
-    "TUM": "adenocarcinoma epithelium",
-}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def crc(test_data: Path) -> tuple[Path, list[dict]]:
-    patches = test_data / "patches" / "crc_val_he_7k"
-    with (patches / "labels.csv").open() as handle:
-        return patches, list(csv.DictReader(handle))
-
-
-def split_by_patch(rows: list[dict]) -> tuple[list[dict], list[dict]]:
-    """The first two patches of each class on one side, the other two on the other."""
-    first, second, seen = [], [], {}
-    for row in rows:
-        seen[row["label"]] = seen.get(row["label"], 0) + 1
-        (first if seen[row["label"]] <= 2 else second).append(row)
-    return first, second
+    return crc_rows(test_data)
 
 
 def caption_table(path: Path, rows: list[dict]) -> Path:
@@ -66,6 +54,7 @@ def clip_recipe(crc, folder: Path, **changes) -> ClipRecipe:
             "train": caption_table(folder / "train.csv", train_rows),
             "eval": caption_table(folder / "eval.csv", held_out),
             "image_root": patches,
+            "label_column": "label",
         },
         "label_names": TISSUE,
         "out": folder / "run",
@@ -102,7 +91,13 @@ def test_lora_clip_tuning_saves_an_adapter_and_a_merged_model_that_scores_the_sa
     result = train_clip(recipe)
 
     assert sum(result.losses[-5:]) < sum(result.losses[:5])
-    assert (result.adapter / "adapter_config.json").is_file()
+    # Every adapted layer learned, attention included (open_clip's attention reads its
+    # projection weights directly, so LoRA must wrap the attention module as a whole).
+    with safe_open(str(result.adapter / "adapter_model.safetensors"), "pt") as weights:
+        names = weights.keys()
+        learned = {name: weights.get_tensor(name).abs().sum().item() for name in names}
+    assert any(".attn." in key for key in learned)
+    assert all(total > 0 for key, total in learned.items() if "lora_B" in key)
     model, transform, tokenizer, _ = load_open_clip_model(
         recipe.model_copy(update={"model": f"local-dir:{result.model}", "mode": "full"}),
         torch.device("cpu"),
@@ -190,10 +185,33 @@ def test_mil_head_beats_chance_on_held_out_bags_and_triage_loads_it(crc, tmp_pat
     assert str(result.head.resolve()) in result.agents_config
 
 
-def test_mil_refuses_features_from_two_encoders_and_unknown_risk_classes(crc, tmp_path):
+def test_mil_refuses_or_reports_what_it_cannot_use(crc, tmp_path):
     folder = write_bags(tmp_path, crc, bags=12)
     with pytest.raises(FinetuneError, match="risk_classes"):
         train_mil(mil_recipe(folder, risk_classes=["malignant"]))
+
+    # A folder that is not a triage head is never replaced.
+    (folder / "run" / "mil_head").mkdir(parents=True)
+    (folder / "run" / "mil_head" / "notes.txt").write_text("mine")
+    with pytest.raises(OutputError, match="would delete its contents"):
+        train_mil(mil_recipe(folder))
+    (folder / "run" / "mil_head" / "notes.txt").unlink()
+
+    # Rows that cannot be used are reported with their reason; training goes on without them.
+    with (folder / "labels.csv").open("a") as handle:
+        handle.write("bag-000,other,train\nbag-001,lymphocytic,holdout\nnowhere,other,train\n")
+    with h5py.File(folder / "features" / "bag-002.h5", "a") as h5:
+        del h5.attrs["encoder"]  # as CLAM or TRIDENT write them
+    recipe = mil_recipe(folder, train={"epochs": 1})
+    (folder / "recipe.yaml").write_text(yaml.safe_dump(json.loads(recipe.model_dump_json())))
+    ran = CliRunner().invoke(app, ["finetune", "mil", "--config", str(folder / "recipe.yaml")])
+    assert ran.exit_code == 0, ran.output
+    assert "risk = P(lymphocytic)" in ran.stderr and "mil_head = " in ran.stderr
+    skipped = json.loads((folder / "run" / "skipped.json").read_text())["skipped"]
+    reasons = sorted(item["reason"].split(":")[0] for item in skipped)
+    assert reasons == ["duplicate slide", "invalid record", "no features", "no features"]
+    assert any("set data.encoder" in item["reason"] for item in skipped)
+
     with h5py.File(folder / "features" / "bag-003.h5", "a") as h5:
         h5.attrs["encoder"] = "quiltnet-b-32"
     with pytest.raises(TrainingDataError, match="different encoders"):
@@ -216,7 +234,12 @@ def test_mil_embeds_slides_named_by_path_and_reports_those_it_cannot(
     )
     recipe = MILRecipe.model_validate(
         {
-            "data": {"labels": labels, "features": feature_cache, "validation_fraction": 0.5},
+            "data": {
+                "labels": labels,
+                "features": feature_cache,
+                "validation_fraction": 0.5,
+                "encoder": "offline",
+            },
             "train": {"epochs": 2},
             "out": tmp_path / "run",
         }

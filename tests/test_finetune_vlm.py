@@ -7,7 +7,6 @@ model, keep to the language model, and pass the layout checks `serve-llm` applie
 
 import csv
 import json
-from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -18,18 +17,14 @@ from safetensors import safe_open
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from histopilot.config import load_config
-from histopilot.errors import FinetuneError
+from histopilot.errors import FinetuneError, OutputError
+from histopilot.finetune.conversations import Conversation
 from histopilot.finetune.converters import convert
-from histopilot.finetune.vlm import LANGUAGE_MODEL_PROJECTIONS, VLMRecipe, train_vlm
+from histopilot.finetune.vlm import LANGUAGE_MODEL_PROJECTIONS, VLMRecipe, split, train_vlm
 from histopilot.serve.lora import lora_layout_problems
 from histopilot.serve.vllm_launch import plan_servers
+from tests.crc_patches import TISSUE, crc_rows, split_by_patch
 from tests.tiny_models import save, tiny_vlm
-
-TISSUE = {
-    "ADI": "adipose tissue", "DEB": "necrotic debris", "LYM": "lymphocytes", "MUC": "mucus",
-    "MUS": "smooth muscle", "NORM": "normal colonic mucosa", "STR": "tumour stroma",
-    "TUM": "adenocarcinoma epithelium",
-}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -41,13 +36,8 @@ def base_model(tmp_path_factory) -> Path:
 def crc_dataset(test_data: Path, tmp_path_factory) -> Path:
     """Two patches of each tissue class captioned from the label, as a conversation dataset."""
     folder = tmp_path_factory.mktemp("crc")
-    patches = test_data / "patches" / "crc_val_he_7k"
-    rows, seen = [], Counter()
-    with (patches / "labels.csv").open() as handle:
-        for row in csv.DictReader(handle):
-            seen[row["label"]] += 1
-            if seen[row["label"]] <= 2:
-                rows.append(row)
+    patches, rows = crc_rows(test_data)
+    rows, _ = split_by_patch(rows)
     table = folder / "captions.csv"
     with table.open("w", newline="") as handle:
         writer = csv.writer(handle)
@@ -144,8 +134,36 @@ def test_training_resumes_from_its_last_checkpoint(base_model, crc_dataset, tmp_
     assert again.steps == 9
     assert len(again.losses) == 9  # steps 1-6 come from the checkpoint's history
 
-    with pytest.raises(FinetuneError, match="another model, adapter shape or dataset"):
+    with pytest.raises(FinetuneError, match="another model, adapter shape, dataset"):
         train_vlm(recipe(base_model, crc_dataset, tmp_path, lora={"r": 4}, train={"steps": 12}))
+    (tmp_path / "checkpoints" / "fingerprint.txt").unlink()  # checkpoints of unknown origin
+    with pytest.raises(FinetuneError, match="another model, adapter shape, dataset"):
+        train_vlm(recipe(base_model, crc_dataset, tmp_path, train={"steps": 12}))
+
+
+def test_a_folder_that_is_not_an_adapter_is_never_replaced(base_model, crc_dataset, tmp_path):
+    mine = tmp_path / "adapters"
+    (mine / "orchestrator").mkdir(parents=True)
+    with pytest.raises(OutputError, match="would delete its contents"):
+        train_vlm(recipe(base_model, crc_dataset, tmp_path / "run", adapter_dir=mine))
+    assert (mine / "orchestrator").is_dir()
+
+
+def test_every_question_about_one_image_stays_on_one_side_of_the_split():
+    def asked(image: str, number: int) -> Conversation:
+        return Conversation(
+            id=f"{image}-{number}",
+            images=[image],
+            messages=[
+                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Q?"}]},
+                {"role": "assistant", "content": [{"type": "text", "text": "A."}]},
+            ],
+        )
+
+    conversations = [asked(f"{image}.png", n) for image in "abcdefgh" for n in range(4)]
+    train, held_out = split(conversations, 0.25, seed=0)
+    assert len(held_out) == 8 and len(train) == 24
+    assert not {c.images[0] for c in train} & {c.images[0] for c in held_out}
 
 
 def test_a_pattern_that_reaches_the_vision_tower_is_refused(base_model, crc_dataset, tmp_path):

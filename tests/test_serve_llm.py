@@ -61,10 +61,9 @@ def make_adapter(folder: Path, **config) -> None:
     config = {"peft_type": "LORA", "r": 16, "target_modules": ["q_proj"]} | config
     (folder / "adapter_config.json").write_text(json.dumps(config))
     prefix = "base_model.model.model.language_model.layers.0.self_attn.q_proj"
-    save_file(
-        {f"{prefix}.lora_A.weight": torch.zeros(16, 8), f"{prefix}.lora_B.weight": torch.zeros(8, 16)},
-        str(folder / "adapter_model.safetensors"),
-    )
+    pair = {f"{prefix}.lora_A.weight": torch.zeros(16, 8)}
+    pair[f"{prefix}.lora_B.weight"] = torch.zeros(8, 16)
+    save_file(pair, str(folder / "adapter_model.safetensors"))
 
 
 def test_gpu_profile_is_one_server_with_every_role_adapter(tmp_path):
@@ -107,6 +106,14 @@ def test_an_adapter_vllm_would_refuse_is_refused_before_a_server_starts(tmp_path
     make_adapter(tmp_path / "adapters/describer", **config)
     with pytest.raises(ConfigError, match=problem):
         plan_servers(load_config(profile="gpu"))
+
+
+def test_an_adapter_saved_as_a_pytorch_pickle_is_served_too(tmp_path):
+    make_adapter(tmp_path / "adapters/describer")
+    weights = tmp_path / "adapters/describer/adapter_model.safetensors"
+    weights.rename(weights.with_suffix(".bin"))
+    (server,) = plan_servers(load_config(profile="gpu")).servers
+    assert "histopilot-describer" in server.lora_modules
 
 
 def test_models_on_different_ports_get_their_own_server_and_share_the_gpu(tmp_path):

@@ -2,7 +2,7 @@
 
 The patch encoder decides what retrieval finds and what zero-shot triage sees; a lab's own
 captions pull it toward its stains and vocabulary. The recipe trains LoRA weights on the
-attention output and MLP layers of both towers (or every weight, ``mode: full``) with the
+attention and MLP layers of both towers (or every weight, ``mode: full``) with the
 symmetric CLIP loss. Captions made from labels repeat, so every pair in a batch with the same
 caption counts as a positive instead of a false negative.
 
@@ -30,12 +30,21 @@ from histopilot.errors import FinetuneError, TrainingDataError
 from histopilot.finetune.conversations import ConversionReport
 from histopilot.finetune.converters import ImageCells, table_rows
 from histopilot.finetune.memory import MemoryEstimate, block_activation_bytes, estimate
-from histopilot.finetune.recipe import Recipe, Strict, file_digest, loss_summary, write_run_card
+from histopilot.finetune.recipe import (
+    Recipe,
+    RunResult,
+    Strict,
+    file_digest,
+    loss_summary,
+    write_run_card,
+)
 from histopilot.retrieval.encoders.neural import resolve_device
 from histopilot.storage import atomic_directory
 
-#: Attention output and MLP projections of every residual block, image and text towers.
-CLIP_BLOCK_LAYERS = r".*transformer\.resblocks\.\d+\.(attn\.out_proj|mlp\.c_fc|mlp\.c_proj)"
+#: Attention (PEFT adapts ``nn.MultiheadAttention``'s input and output projections; open_clip
+#: reads ``out_proj.weight`` directly, so adapting ``out_proj`` alone would never be used) and
+#: the MLP of every residual block, image and text towers.
+CLIP_BLOCK_LAYERS = r".*transformer\.resblocks\.\d+\.(attn|mlp\.c_fc|mlp\.c_proj)"
 RECALL_AT = (1, 5, 10)
 Progress = Callable[[int, int, float], None]
 Announce = Callable[[str], None]
@@ -44,11 +53,11 @@ Announce = Callable[[str], None]
 class ClipData(Strict):
     train: Path = Field(description="Caption table: CSV, TSV, JSON Lines or Parquet")
     eval: Path | None = Field(None, description="Held-out table; default: split from train")
-    eval_fraction: float = Field(0.2, ge=0, lt=1)
+    eval_fraction: float = Field(0.2, gt=0, lt=1, description="Used when eval is not given")
     image_root: Path | None = Field(None, description="Image paths' base (default: table's)")
     image_column: str = "image"
     caption_column: str = "caption"
-    label_column: str | None = Field("label", description="Class column for zero-shot scores")
+    label_column: str | None = Field(None, description="Class column for zero-shot scores")
 
 
 class ClipLora(Strict):
@@ -87,11 +96,22 @@ class ClipRecipe(Recipe):
         default_factory=dict, description="Label → name used in prompts (default: the label)"
     )
 
-    def relative_to(self, base: Path) -> ClipRecipe:
-        recipe = super().relative_to(base)
+    local_or_hub = ("pretrained",)
+
+    def output_folders(self) -> dict[Path, tuple[str, str]]:
+        folders = {self.out / "model": ("model", "open_clip_config.json")}
+        if self.mode == "lora":
+            folders[self.out / "adapter"] = ("adapter", "adapter_config.json")
+        return folders
+
+    def relative_to(self, base: Path, *, typed: set[str] | None = None) -> ClipRecipe:
+        recipe = super().relative_to(base, typed=typed)
         scheme, _, folder = recipe.model.partition("local-dir:")
-        if not scheme and folder and not Path(folder).is_absolute():
-            recipe = recipe.model_copy(update={"model": f"local-dir:{base / folder}"})
+        if not scheme and folder:
+            folder_base = Path.cwd() if "model" in (typed or ()) else base
+            recipe = recipe.model_copy(
+                update={"model": f"local-dir:{(folder_base / Path(folder).expanduser()).resolve()}"}
+            )
         return recipe
 
 
@@ -108,14 +128,11 @@ class Pairs(BaseModel):
         )
 
 
-class ClipResult(BaseModel):
+class ClipResult(RunResult):
     model: Path
     adapter: Path | None
-    run_card: Path
-    losses: list[float]
     before: dict[str, float]
     after: dict[str, float]
-    skipped: int
     encoder: str = Field(description="The encoder name that loads the trained model")
 
 
@@ -127,6 +144,7 @@ def train_clip(
 ) -> ClipResult:
     """Train, evaluate before and after, and save; ``announce`` gets the memory estimate."""
     started = time.perf_counter()
+    recipe.check_outputs()
     train_pairs, eval_pairs, report, data_sha = load_pairs(recipe)
     report.write(recipe.out)
     device = resolve_device(recipe.train.device)
@@ -135,7 +153,8 @@ def train_clip(
     trainable = _make_trainable(model, recipe)
     if announce:
         count = sum(p.numel() for p in trainable.parameters() if p.requires_grad)
-        announce(expected_memory(model, recipe, count, device).line())
+        memory = expected_memory(model, recipe, count, device)
+        announce(memory.line() if memory else "expected memory: unknown for this architecture")
     before = evaluate_clip(model, transform, tokenizer, eval_pairs, recipe, device)
     losses = _fit(model, trainable, transform, tokenizer, train_pairs, recipe, device, on_progress)
     after = evaluate_clip(model, transform, tokenizer, eval_pairs, recipe, device)
@@ -215,16 +234,18 @@ def _read_pairs(table: Path, data: ClipData, out: Path) -> tuple[Pairs, Conversi
 
 
 def _split(pairs: Pairs, fraction: float, seed: int) -> tuple[Pairs, Pairs]:
-    """Held-out pairs drawn per label (or overall), so every class is seen on both sides."""
-    groups: dict[str, list[int]] = {}
+    """Held-out pairs drawn per label (or overall): every class with two or more pairs is seen
+    on both sides; all pairs of one image stay on one side."""
+    groups: dict[str, dict[Path, list[int]]] = {}
     for index, label in enumerate(pairs.labels or [""] * len(pairs.images)):
-        groups.setdefault(label, []).append(index)
+        groups.setdefault(label, {}).setdefault(pairs.images[index], []).append(index)
     rng = random.Random(seed)
     held: list[int] = []
-    for members in groups.values():
-        rng.shuffle(members)
-        count = min(len(members) - 1, round(fraction * len(members)))
-        held += members[:count]
+    for by_image in groups.values():
+        images = list(by_image)
+        rng.shuffle(images)
+        for image in images[: min(len(images) - 1, max(1, round(fraction * len(images))))]:
+            held += by_image[image]
     chosen = set(held)
     rest = [i for i in range(len(pairs.images)) if i not in chosen]
     return pairs.subset(rest), pairs.subset(sorted(held))
@@ -350,14 +371,20 @@ def evaluate_clip(model, transform, tokenizer, pairs: Pairs, recipe, device) -> 
         _ImageSet(pairs.images, transform, augment=False), batch_size=64
     )
     images = torch.cat([F.normalize(model.encode_image(x.to(device)), dim=-1) for x, _ in loader])
-    unique = list(dict.fromkeys(pairs.captions))
-    texts = F.normalize(model.encode_text(tokenizer(unique).to(device)), dim=-1)
-    truth = np.array([unique.index(c) for c in pairs.captions])
+    positions = {caption: i for i, caption in enumerate(dict.fromkeys(pairs.captions))}
+    unique = list(positions)
+    texts = torch.cat(
+        [
+            F.normalize(model.encode_text(tokenizer(unique[i : i + 256]).to(device)), dim=-1)
+            for i in range(0, len(unique), 256)
+        ]
+    )
+    truth = np.array([positions[c] for c in pairs.captions])
     similarity = (images @ texts.T).cpu().numpy()
     metrics = {}
     for k in RECALL_AT:
-        if k > len(unique) and k > 1:
-            continue
+        if k > 1 and k >= min(len(unique), len(pairs.images)):
+            continue  # every item would be a hit: the number says nothing
         top = np.argsort(-similarity, axis=1)[:, :k]
         metrics[f"image_to_text_recall@{k}"] = float((top == truth[:, None]).any(1).mean())
         ranked = np.argsort(-similarity.T, axis=1)[:, :k]
@@ -398,12 +425,17 @@ def save_open_clip(model, tokenizer, config: dict, target: Path) -> Path:
     return target
 
 
-def expected_memory(model, recipe: ClipRecipe, trainable: int, device) -> MemoryEstimate:
-    """Float32 weights, the optimizer's share, and both towers' activations for one batch."""
-    towers = [
-        (model.visual.transformer, int(np.prod(model.visual.grid_size)) + 1),
-        (model.transformer, model.context_length),
-    ]
+def expected_memory(model, recipe: ClipRecipe, trainable: int, device) -> MemoryEstimate | None:
+    """Float32 weights, the optimizer's share, and both towers' activations for one batch;
+    ``None`` for models whose towers are not open_clip's own transformers (ResNets, timm or
+    Hugging Face towers)."""
+    try:
+        towers = [
+            (model.visual.transformer, int(np.prod(model.visual.grid_size)) + 1),
+            (model.transformer, model.context_length),
+        ]
+    except AttributeError:
+        return None
     activations = sum(
         block_activation_bytes(
             tokens=recipe.train.batch_size * tokens,

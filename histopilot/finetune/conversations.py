@@ -77,6 +77,11 @@ class Conversation(BaseModel):
             raise ValueError("an assistant turn is empty")
         if any(m.role == "assistant" and m.image_count() for m in self.messages):
             raise ValueError("an assistant turn holds an image")
+        if any(
+            m.role == "assistant" and (i == 0 or self.messages[i - 1].role != "user")
+            for i, m in enumerate(self.messages)
+        ):
+            raise ValueError("an assistant turn does not answer a user turn")
         return self
 
     def examples(self) -> Iterator[tuple[list[Message], Message, int]]:
@@ -137,11 +142,11 @@ def check_image(path: Path) -> str | None:
         return "missing image: " + path.name
     try:
         with Image.open(path) as image:
-            image.verify()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-        return f"unreadable image: {path.name} ({error})"
+            image.load()  # decoded whole: a truncated file must fail here, not mid-training
     except Image.DecompressionBombError:
         return f"image too large: {path.name}"
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as error:
+        return f"unreadable image: {path.name} ({error})"
     return None
 
 

@@ -26,7 +26,9 @@ from typing import Any, Literal
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+from pydantic import BaseModel
 
+from histopilot.agents.state import Finding, Region, SlideRef
 from histopilot.errors import HistopilotError, TrainingDataError
 from histopilot.finetune.conversations import (
     ContentPart,
@@ -60,6 +62,8 @@ class ImageCells:
     def resolve(self, cell: Any) -> tuple[Path | None, str | None]:
         """(absolute image path, None) or (None, why the image cannot be used)."""
         if isinstance(cell, dict) and cell.get("bytes"):
+            if not isinstance(cell["bytes"], bytes):
+                return None, "unreadable image: embedded 'bytes' are not bytes"
             return self._write_bytes(cell["bytes"])
         if isinstance(cell, dict):
             cell = cell.get("path")
@@ -81,7 +85,9 @@ class ImageCells:
             with Image.open(io.BytesIO(data)) as image:
                 image.load()
                 suffix = "." + (image.format or "png").lower()
-        except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as error:
+        except Image.DecompressionBombError:
+            return None, "image too large: embedded bytes"
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as error:
             return None, f"unreadable image: embedded bytes ({error})"
         target = self.out / "images" / f"{hashlib.sha256(data).hexdigest()[:20]}{suffix}"
         if not target.exists():
@@ -117,10 +123,15 @@ def convert(
     if fmt == "llava":
         records = _from_llava(source, images, report)
     elif fmt == "vqa":
-        columns = (image_column, question_column, answer_column)
-        records = _from_vqa(source, images, report, columns)
+        records = _from_table(
+            source, images, report, image_column=image_column, answer_column=answer_column,
+            question_column=question_column, kind="vqa",
+        )  # fmt: skip
     elif fmt == "captions":
-        records = _from_captions(source, images, report, (image_column, caption_column), prompt)
+        records = _from_table(
+            source, images, report, image_column=image_column, answer_column=caption_column,
+            prompt=prompt, kind="caption",
+        )  # fmt: skip
     else:
         records = _from_analyses(source, out, report, include_drafts, slide_root)
     kept = _unique(records, report)
@@ -267,51 +278,35 @@ def read_table(
         )
 
 
-def _from_vqa(
-    source: Path, images: ImageCells, report: ConversionReport, columns: tuple[str, str, str]
-) -> Iterator[Conversation]:
-    image_column, question_column, answer_column = columns
-    for number, row in table_rows(source, report, columns):
-        path, problem = images.path(row.get(image_column))
-        if problem:
-            report.skip(number, problem)
-            continue
-        question = str(row.get(question_column) or "").strip()
-        if not question:
-            report.skip(number, "empty question")
-            continue
-        answer = str(row.get(answer_column) or "").strip()
-        conversation = _conversation(
-            report,
-            number,
-            id=str(row.get("id") or f"vqa-{number}"),
-            images=[path],
-            messages=_single_turn(question, answer),
-        )
-        if conversation:
-            yield conversation
-
-
-def _from_captions(
+def _from_table(
     source: Path,
     images: ImageCells,
     report: ConversionReport,
-    columns: tuple[str, str],
-    prompt: str,
+    *,
+    image_column: str,
+    answer_column: str,
+    question_column: str | None = None,
+    prompt: str = DESCRIBE_PROMPT,
+    kind: str,
 ) -> Iterator[Conversation]:
-    image_column, caption_column = columns
+    """One single-turn conversation per row: the row's question (VQA), or ``prompt`` for a
+    caption table, answered by the answer or caption column."""
+    columns = (image_column, *filter(None, [question_column]), answer_column)
     for number, row in table_rows(source, report, columns):
         path, problem = images.path(row.get(image_column))
         if problem:
             report.skip(number, problem)
             continue
-        caption = str(row.get(caption_column) or "").strip()
+        question = str(row.get(question_column) or "").strip() if question_column else prompt
+        if not question:
+            report.skip(number, "empty question")
+            continue
         conversation = _conversation(
             report,
             number,
-            id=str(row.get("id") or f"caption-{number}"),
+            id=str(row.get("id") or f"{kind}-{number}"),
             images=[path],
-            messages=_single_turn(prompt, caption),
+            messages=_single_turn(question, str(row.get(answer_column) or "").strip()),
         )
         if conversation:
             yield conversation
@@ -349,69 +344,90 @@ def _from_analyses(
     include_drafts: bool,
     slide_root: str | Path | None,
 ) -> Iterator[Conversation]:
-    from histopilot.slide import open_slide
-
     files = [source] if source.is_file() else sorted(source.rglob("analysis.json"))
     for file in files:
         try:
-            analysis = json.loads(file.read_text(encoding="utf-8"))
-            slide_ref, regions = analysis["slide"], analysis["regions"]
-            findings, status = analysis["findings"], analysis["report"]["status"]
-        except (OSError, ValueError, KeyError, TypeError) as error:
+            analysis = _Analysis.model_validate_json(file.read_bytes())
+        except (OSError, ValueError) as error:
             report.read += 1
-            report.skip(file, f"invalid record: not a histopilot analysis ({error})")
+            report.skip(file, f"invalid record: not a histopilot analysis ({_first_line(error)})")
             continue
-        report.read += len(findings)
-        if status != "reviewed" and not include_drafts:
-            for region_id in findings:
-                report.skip(f"{file}:{region_id}", "not reviewed: the report is a draft")
+        report.read += len(analysis.findings)
+        records = {region_id: f"{file}:{region_id}" for region_id in analysis.findings}
+        if analysis.report.status != "reviewed" and not include_drafts:
+            for record in records.values():
+                report.skip(record, "not reviewed: the report is a draft")
             continue
-        slide_path = _slide_path(slide_ref, slide_root)
-        try:
-            slide = open_slide(slide_path)
-        except HistopilotError as error:
-            for region_id in findings:
-                report.skip(f"{file}:{region_id}", f"slide not readable: {error}")
-            continue
-        with slide:
-            for region_id, finding in findings.items():
-                record = f"{slide_ref['slide_id']}/{region_id}"
-                text = str(finding.get("text") or "").strip()
-                region = regions.get(region_id)
-                if region is None:
-                    report.skip(record, "invalid record: the finding's region is missing")
-                    continue
-                try:
-                    crop = _region_crop(slide, region)
-                except HistopilotError as error:
-                    report.skip(record, f"region not readable: {error}")
-                    continue
-                name = f"images/{_safe(slide_ref['slide_id'])}-{_safe(region_id)}.png"
-                save_png(crop, out / name)
-                power = region.get("magnification", "high")
-                conversation = _conversation(
-                    report,
-                    record,
-                    id=f"{analysis.get('thread_id', 'analysis')}/{record}",
-                    images=[name],
-                    messages=_single_turn(REGION_PROMPT.format(power=power), text),
-                )
-                if conversation:
-                    yield conversation
+        yield from _analysis_regions(analysis, records, out, report, slide_root)
 
 
-def _slide_path(slide_ref: dict, slide_root: str | Path | None) -> Path:
-    recorded = Path(slide_ref["path"])
+def _analysis_regions(analysis, records, out, report, slide_root) -> Iterator[Conversation]:
+    from histopilot.slide import open_slide
+
+    try:
+        slide = open_slide(_slide_path(analysis.slide.path, slide_root))
+    except HistopilotError as error:
+        for record in records.values():
+            report.skip(record, f"slide not readable: {error}")
+        return
+    with slide:
+        for region_id, finding in analysis.findings.items():
+            region = analysis.regions.get(region_id)
+            if region is None:
+                report.skip(records[region_id], "invalid record: the finding's region is missing")
+                continue
+            try:
+                crop = _region_crop(slide, region)
+            except HistopilotError as error:
+                report.skip(records[region_id], f"region not readable: {error}")
+                continue
+            # Named by where the pixels come from, so two analyses of one slide never share
+            # (or overwrite) a crop unless they looked at the very same field.
+            where = f"{analysis.slide.path}|{region.x},{region.y},{region.width},{region.height}"
+            name = f"images/{hashlib.sha256(f'{where}|{region.mpp}'.encode()).hexdigest()[:24]}.png"
+            save_png(crop, out / name)
+            conversation = _conversation(
+                report,
+                records[region_id],
+                id=f"{analysis.thread_id}/{analysis.slide.slide_id}/{region_id}",
+                images=[name],
+                messages=_single_turn(
+                    REGION_PROMPT.format(power=region.magnification), finding.text.strip()
+                ),
+            )
+            if conversation:
+                yield conversation
+
+
+class _Analysis(BaseModel):
+    """The parts of ``analysis.json`` a training example is made of, validated."""
+
+    thread_id: str = "analysis"
+    slide: SlideRef
+    regions: dict[str, Region]
+    findings: dict[str, Finding]
+    report: _ReportStatus
+
+
+class _ReportStatus(BaseModel):
+    status: str
+
+
+def _first_line(error: Exception) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+
+
+def _slide_path(recorded: str, slide_root: str | Path | None) -> Path:
     if slide_root is None:
-        return recorded
-    return Path(slide_root) / recorded.name
+        return Path(recorded)
+    return Path(slide_root) / Path(recorded).name
 
 
-def _region_crop(slide, region: dict, longest: int = 448) -> np.ndarray:
-    x, y, width, height = (int(region[key]) for key in ("x", "y", "width", "height"))
+def _region_crop(slide, region: Region, longest: int = 448) -> np.ndarray:
+    x, y, width, height = region.x, region.y, region.width, region.height
     downsample = max(1.0, max(width, height) / longest)
-    if region.get("mpp") and slide.mpp is not None:
-        downsample = max(downsample, region["mpp"] / slide.mpp.mean)
+    if region.mpp and slide.mpp is not None:
+        downsample = max(downsample, region.mpp / slide.mpp.mean)
     return slide.read_region_at(
         x,
         y,
@@ -419,10 +435,6 @@ def _region_crop(slide, region: dict, longest: int = 448) -> np.ndarray:
         max(1, round(height / downsample)),
         downsample=downsample,
     )
-
-
-def _safe(text: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)[:80]
 
 
 # -- export -----------------------------------------------------------------------------------

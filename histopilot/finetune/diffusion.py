@@ -25,11 +25,11 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DModel
 from diffusers.training_utils import EMAModel
-from pydantic import BaseModel, Field, model_validator
+from pydantic import Field, model_validator
 
 from histopilot.errors import DiffusionError
 from histopilot.finetune.memory import MemoryEstimate, estimate
-from histopilot.finetune.recipe import Recipe, Strict, loss_summary, write_run_card
+from histopilot.finetune.recipe import Recipe, RunResult, Strict, loss_summary, write_run_card
 from histopilot.slide.render import save_png
 from histopilot.storage import atomic_directory
 from histopilot.tools.diffusion.classifier import random_dihedral, train_classifier
@@ -100,13 +100,11 @@ class DiffusionRecipe(Recipe):
     classifier: ClassifierSpec = ClassifierSpec()
 
 
-class TrainingResult(BaseModel):
+class TrainingResult(RunResult):
     model: Path
     classifier: Path | None
     oracle: Path | None
-    run_card: Path
     steps: int
-    losses: list[float]
 
 
 def load_tiles(spec: DataSpec, size: int) -> tuple[np.ndarray, list[str] | None]:

@@ -24,7 +24,7 @@ from torch import nn
 GIB = 1024**3
 #: NF4 with double quantisation: 4 bits per weight plus about 0.127 bits of scales.
 NF4_BYTES = (4 + 0.127) / 8
-#: LoRA weights kept in float32, their gradients, and AdamW's two moments.
+#: LoRA weights kept in float32, their gradients, and AdamW's two moments (bytes per parameter).
 TRAINABLE_BYTES = 4 + 4 + 8
 CUDA_OVERHEAD_GIB = 1.0
 
@@ -60,23 +60,29 @@ def lora_parameters(model: nn.Module, target_modules: str, rank: int) -> int:
 def weight_bytes(
     model: nn.Module, *, dtype_bytes: int, quantized: Iterable[str] | None = None
 ) -> float:
-    """Bytes of the frozen weights; Linear layers named in ``quantized`` count as NF4."""
+    """Bytes of the frozen weights; Linear layers named in ``quantized`` count as NF4. A tied
+    weight (embeddings shared with the output layer) is counted once."""
     quantized = set(quantized or ())
-    total = 0.0
+    total, seen = 0.0, set()
     for name, module in model.named_modules():
         for parameter in module.parameters(recurse=False):
+            if id(parameter) in seen:
+                continue
+            seen.add(id(parameter))
             nf4 = name in quantized and isinstance(module, nn.Linear) and parameter.ndim == 2
             total += parameter.numel() * (NF4_BYTES if nf4 else dtype_bytes)
     return total
 
 
-def quantizable_linears(model: nn.Module, skip: Iterable[str]) -> list[str]:
-    """Linear layers bitsandbytes would quantise when the names in ``skip`` are kept whole."""
-    skip = tuple(skip)
+def quantizable_linears(model: nn.Module, keep: list[str]) -> list[str]:
+    """Linear layers bitsandbytes quantises when the modules matching ``keep`` stay whole
+    (transformers' own matching rule, so the estimate follows what loading does)."""
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
     return [
         name
         for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and not any(part in name for part in skip)
+        if isinstance(module, nn.Linear) and should_convert_module(name, keep)
     ]
 
 
@@ -111,11 +117,12 @@ def estimate(
     trainable_parameters: int,
     activations: float,
     device: str,
+    trainable_bytes: int = TRAINABLE_BYTES,
 ) -> MemoryEstimate:
     gpu = torch.device(device).type == "cuda"
     return MemoryEstimate(
         weights_gib=weights / GIB,
-        trainable_gib=trainable_parameters * TRAINABLE_BYTES / GIB,
+        trainable_gib=trainable_parameters * trainable_bytes / GIB,
         activations_gib=activations / GIB,
         overhead_gib=CUDA_OVERHEAD_GIB if gpu else 0.0,
     )

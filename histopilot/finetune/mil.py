@@ -11,6 +11,7 @@ go into the run card beside the chance levels they should beat.
 
 from __future__ import annotations
 
+import json
 import random
 import time
 from collections.abc import Callable
@@ -27,7 +28,14 @@ from histopilot.errors import FinetuneError, HistopilotError, TrainingDataError
 from histopilot.finetune.conversations import ConversionReport
 from histopilot.finetune.converters import table_rows
 from histopilot.finetune.memory import MemoryEstimate, estimate
-from histopilot.finetune.recipe import Recipe, Strict, file_digest, loss_summary, write_run_card
+from histopilot.finetune.recipe import (
+    Recipe,
+    RunResult,
+    Strict,
+    file_digest,
+    loss_summary,
+    write_run_card,
+)
 from histopilot.storage import atomic_directory
 
 Progress = Callable[[int, int, float], None]
@@ -41,7 +49,11 @@ class MILData(Strict):
     split_column: str | None = Field(None, description="Column saying train or validation")
     mpp_column: str = Field("mpp", description="Optional column: µm/px of slides lacking it")
     validation_fraction: float = Field(0.25, gt=0, lt=1)
-    encoder: str = Field("offline", description="Embeds slides named by path with no features")
+    encoder: str | None = Field(
+        None,
+        description="Encoder that embeds slides named by file, and that made feature files "
+        "which do not record it (CLAM, TRIDENT)",
+    )
 
 
 class MILArchitecture(Strict):
@@ -66,22 +78,23 @@ class MILRecipe(Recipe):
         "but the first in sorted order)",
     )  # fmt: skip
 
+    def output_folders(self) -> dict[Path, tuple[str, str]]:
+        return {self.out / "mil_head": ("triage head", "mil_head.json")}
+
 
 class Bag(BaseModel, arbitrary_types_allowed=True):
     slide_id: str
     label: str
     features: np.ndarray
-    validation: bool
+    validation: bool | None = Field(description="None until the split decides")
 
 
-class MILResult(BaseModel):
+class MILResult(RunResult):
     head: Path
-    run_card: Path
-    losses: list[float]
     validation: dict[str, float | None]
     chance: dict[str, float]
     best_epoch: int
-    skipped: int
+    risk_classes: list[str] = Field(description="Classes whose probability triage reads as risk")
     agents_config: str
 
 
@@ -92,6 +105,7 @@ def train_mil(
     announce: Callable[[str], None] | None = None,
 ) -> MILResult:
     started = time.perf_counter()
+    recipe.check_outputs()
     bags, encoder, report = load_bags(recipe)
     classes = sorted({bag.label for bag in bags})
     train_bags = [bag for bag in bags if not bag.validation]
@@ -139,8 +153,9 @@ def train_mil(
         validation=best["metrics"],
         chance=chance,
         best_epoch=best["epoch"],
+        risk_classes=[classes[i] for i in config.risk_columns()],
         skipped=len(report.skipped),
-        agents_config=f'[agents]\nmil_head = "{target.resolve()}"\n',
+        agents_config=f"[agents]\nmil_head = {json.dumps(str(target.resolve()))}\n",
     )
 
 
@@ -152,72 +167,106 @@ def load_bags(recipe: MILRecipe) -> tuple[list[Bag], str, ConversionReport]:
         raise TrainingDataError(f"no labels table at {data.labels}")
     report = ConversionReport(source=str(data.labels), format="slide labels")
     columns = (data.slide_column, data.label_column, *filter(None, [data.split_column]))
-    bags, encoders = [], set()
+    source = _FeatureSource(data)
+    bags: dict[str, Bag] = {}
+    encoders = set()
     for number, row in table_rows(data.labels, report, columns):
         slide = str(row.get(data.slide_column) or "").strip()
         label = str(row.get(data.label_column) or "").strip()
+        side = _SIDES.get(str(row.get(data.split_column) or "").strip().lower())
         if not slide or not label:
             report.skip(number, "empty slide or label")
             continue
+        if data.split_column and side is None:
+            report.skip(number, f"invalid record: {data.split_column} must be train or validation")
+            continue
         try:
             mpp = float(row[data.mpp_column]) if row.get(data.mpp_column) else None
-            slide_id, features, encoder = _features(slide, data, mpp)
         except ValueError:
             report.skip(number, f"invalid record: {data.mpp_column} is not a number")
             continue
+        try:
+            slide_id, features, encoder = source.read(slide, mpp)
         except HistopilotError as error:
             report.skip(number, f"no features: {error}")
             continue
-        split = str(row.get(data.split_column) or "").strip().lower() if data.split_column else ""
-        bags.append(
-            Bag(
-                slide_id=slide_id,
-                label=label,
-                features=features,
-                validation=split in ("val", "validation", "valid", "test"),
-            )
-        )
+        if slide_id in bags:
+            report.skip(number, f"duplicate slide: {slide_id}")
+            continue
+        bags[slide_id] = Bag(slide_id=slide_id, label=label, features=features, validation=side)
         encoders.add(encoder)
     report.kept = len(bags)
     report.write(recipe.out)
-    _check(bags, encoders, data, report)
+    _check(list(bags.values()), encoders, data, report)
     if not data.split_column:
-        _split(bags, data.validation_fraction, recipe.train.seed)
-    if not any(bag.validation for bag in bags) or all(bag.validation for bag in bags):
+        _split(list(bags.values()), data.validation_fraction, recipe.train.seed)
+    if all(bag.validation for bag in bags.values()) or not any(
+        bag.validation for bag in bags.values()
+    ):
         raise TrainingDataError("training and validation each need at least one slide")
-    return bags, encoders.pop(), report
+    return list(bags.values()), encoders.pop(), report
 
 
-def _features(slide: str, data: MILData, mpp: float | None) -> tuple[str, np.ndarray, str]:
-    """(slide id, features, encoder name) of a slide named by id or by its file."""
-    from histopilot.retrieval.features import slide_id_of
-
-    path = (data.labels.parent / slide).resolve()
-    slide_id = slide_id_of(path) if path.is_file() or path.is_dir() else slide
-    cache = data.features / f"{Path(slide_id).name}.h5"  # a name, never a path out of the folder
-    if not cache.is_file() and path.exists():
-        _embed(path, data, mpp)
-    try:
-        with h5py.File(cache, "r") as handle:
-            features = np.asarray(handle["features"][:], np.float32)
-            encoder = handle.attrs.get("encoder", "")
-    except FileNotFoundError as error:
-        raise TrainingDataError(f"{cache.name} is not in {data.features}") from error
-    except (OSError, KeyError) as error:
-        raise TrainingDataError(f"{cache.name} is not a feature file: {error}") from error
-    encoder = encoder.decode() if isinstance(encoder, bytes) else str(encoder)
-    if features.ndim != 2 or not len(features) or not np.isfinite(features).all():
-        raise TrainingDataError(f"{cache.name} holds no usable feature rows")
-    return slide_id, features, encoder
+#: Values of the split column: training (False) or validation (True).
+_SIDES = {"train": False, "training": False, "val": True, "valid": True, "validation": True}
 
 
-def _embed(path: Path, data: MILData, mpp: float | None) -> None:
-    from histopilot.retrieval.encoders import load_encoder
-    from histopilot.retrieval.features import embed_slide
-    from histopilot.slide import open_slide
+class _FeatureSource:
+    """A slide's features: embedded (or taken from the embedding cache, which checks that file,
+    encoder and tiling still match) when the table names a slide file, read from
+    ``<features>/<id>.h5`` when it names an id."""
 
-    with open_slide(path, mpp=mpp) as slide:
-        embed_slide(slide, load_encoder(data.encoder), cache_dir=data.features)
+    def __init__(self, data: MILData) -> None:
+        self.data = data
+        self._encoder = None
+
+    def read(self, slide: str, mpp: float | None) -> tuple[str, np.ndarray, str]:
+        """(slide id, features, encoder name)."""
+        path = (self.data.labels.parent / slide).resolve()
+        if path.is_file() or path.is_dir():
+            return self._embed(path, mpp)
+        return self._cached(slide)
+
+    def _embed(self, path: Path, mpp: float | None) -> tuple[str, np.ndarray, str]:
+        from histopilot.retrieval.features import embed_slide
+        from histopilot.slide import open_slide
+
+        with open_slide(path, mpp=mpp) as slide:
+            found = embed_slide(slide, self.encoder(), cache_dir=self.data.features)
+        if not len(found):
+            raise TrainingDataError(f"{path.name}: no tissue tiles to embed")
+        return found.slide_id, found.features, found.encoder
+
+    def _cached(self, slide_id: str) -> tuple[str, np.ndarray, str]:
+        cache = self.data.features / f"{Path(slide_id).name}.h5"  # never a path out of it
+        try:
+            with h5py.File(cache, "r") as handle:
+                features = np.asarray(handle["features"][:], np.float32)
+                encoder = handle.attrs.get("encoder")
+        except FileNotFoundError as error:
+            raise TrainingDataError(
+                f"{slide_id} is neither a slide file nor {cache.name} in {self.data.features}"
+            ) from error
+        except (OSError, KeyError) as error:
+            raise TrainingDataError(f"{cache.name} is not a feature file: {error}") from error
+        if features.ndim != 2 or not len(features) or not np.isfinite(features).all():
+            raise TrainingDataError(f"{cache.name} holds no usable feature rows")
+        if encoder is None:  # written by another tool (CLAM, TRIDENT): the recipe says which
+            encoder = self._required_encoder_name(f"{cache.name} does not record its encoder")
+        return slide_id, features, encoder.decode() if isinstance(encoder, bytes) else str(encoder)
+
+    def encoder(self):
+        if self._encoder is None:
+            from histopilot.retrieval.encoders import load_encoder
+
+            name = self._required_encoder_name("slides named by file are embedded")
+            self._encoder = load_encoder(name)
+        return self._encoder
+
+    def _required_encoder_name(self, why: str) -> str:
+        if not self.data.encoder:
+            raise TrainingDataError(f"{why}: set data.encoder to the patch encoder's name")
+        return self.data.encoder
 
 
 def _check(bags: list[Bag], encoders: set[str], data: MILData, report) -> None:
@@ -247,8 +296,8 @@ def _split(bags: list[Bag], fraction: float, seed: int) -> None:
         members = [bag for bag in bags if bag.label == label]
         rng.shuffle(members)
         count = min(len(members) - 1, max(1, round(fraction * len(members))))
-        for bag in members[:count]:
-            bag.validation = True
+        for index, bag in enumerate(members):
+            bag.validation = index < count
 
 
 def _bags_digest(recipe: MILRecipe, bags: list[Bag]) -> str:
@@ -273,7 +322,7 @@ def _fit(head, train_bags, validation, classes, recipe: MILRecipe, on_progress):
         head.parameters(), lr=train.learning_rate, weight_decay=train.weight_decay
     )
     rng = np.random.default_rng(train.seed)
-    best: dict = {"auc": -1.0}
+    best: dict = {"score": -1.0}
     losses: list[float] = []
     for epoch in range(1, train.epochs + 1):
         head.train()
@@ -284,18 +333,22 @@ def _fit(head, train_bags, validation, classes, recipe: MILRecipe, on_progress):
             if len(tiles) > train.max_tiles:
                 tiles = tiles[rng.choice(len(tiles), train.max_tiles, replace=False)]
             logits, _ = head(torch.from_numpy(tiles))
-            target = torch.tensor([targets[bag.label]])
-            loss = torch.nn.functional.cross_entropy(logits[None], target, weight=weights)
+            target = targets[bag.label]
+            # One bag per step: a weighted mean over one sample would cancel its own weight.
+            loss = weights[target] * torch.nn.functional.cross_entropy(
+                logits[None], torch.tensor([target])
+            )
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
             epoch_loss.append(loss.item())
         losses.append(float(np.mean(epoch_loss)))
         metrics = evaluate_head(head, validation, classes)
+        # AUC when defined, else balanced accuracy: the number that chooses the kept epoch.
         score = metrics["auc"] if metrics["auc"] is not None else metrics["balanced_accuracy"]
-        if score > best["auc"]:
+        if score > best["score"]:
             state = {k: v.detach().clone() for k, v in head.state_dict().items()}
-            best = {"auc": score, "epoch": epoch, "metrics": metrics, "state": state}
+            best = {"score": score, "epoch": epoch, "metrics": metrics, "state": state}
         if on_progress:
             on_progress(epoch, train.epochs, losses[-1])
     return best, losses

@@ -4,7 +4,8 @@ overrides, the effective configuration printed before training, and a run card a
 A recipe is a file path or the name of one shipped in ``histopilot/finetune/recipes``
 (``histopilot finetune vlm --config qwen2.5-vl-7b``). Relative paths in a file are relative to
 that file; in a shipped recipe, to the working folder. ``--set train.steps=50`` changes one
-field without editing the file, with the value read as YAML.
+field without editing the file, with the value read as YAML; a path given that way is relative
+to the working folder, as anything typed in a shell is.
 """
 
 from __future__ import annotations
@@ -19,11 +20,11 @@ from pathlib import Path
 from typing import Any, ClassVar, Self
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from histopilot import __version__
 from histopilot.errors import ConfigError
-from histopilot.storage import atomic_file
+from histopilot.storage import atomic_file, check_new_output_folder
 
 RUN_CARD = "run.json"
 _RECIPES = resources.files("histopilot.finetune") / "recipes"
@@ -55,7 +56,10 @@ class Recipe(Strict):
     local_or_hub: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
-    def load(cls, source: str | Path, overrides: Iterable[str] = ()) -> Self:
+    def load(
+        cls, source: str | Path, overrides: Iterable[str] = (), *, out: Path | None = None
+    ) -> Self:
+        """The recipe in ``source`` with ``--set`` style ``overrides`` and ``out`` applied."""
         path, base = _locate(source)
         try:
             raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
@@ -63,27 +67,50 @@ class Recipe(Strict):
             raise ConfigError(f"{path} is not valid YAML: {error}") from error
         if not isinstance(raw, dict):
             raise ConfigError(f"{path} must hold a mapping of recipe fields")
-        for override in overrides:
-            _apply(raw, override)
+        typed = {_apply(raw, override) for override in overrides}
+        if out is not None:
+            raw["out"] = str(out)
+            typed.add("out")
         try:
             recipe = cls.model_validate(raw)
         except ValidationError as error:
             raise ConfigError(f"{path}: {error}") from error
-        return recipe.relative_to(base)
+        # Paths typed on the command line are relative to where the command runs.
+        return recipe.relative_to(base, typed=typed)
 
-    def relative_to(self, base: Path) -> Self:
-        """Paths resolved against ``base``; model names only where such a folder exists."""
-        resolved = _resolve_paths(self, base)
-        local = {
-            name: str(base / value)
-            for name in self.local_or_hub
-            if (value := getattr(resolved, name)) and (base / value).exists()
-        }
+    def relative_to(self, base: Path, *, typed: set[str] | None = None) -> Self:
+        """Paths resolved against ``base`` (those named in ``typed``, dotted, against the
+        working folder); model names only where such a folder exists."""
+        resolved = _resolve_paths(self, base, typed or set(), "")
+        local = {}
+        for name in self.local_or_hub:
+            value = getattr(resolved, name)
+            folder = Path.cwd() if name in (typed or ()) else base
+            candidate = (folder / Path(value).expanduser()).resolve() if value else None
+            if candidate is not None and candidate.exists():
+                local[name] = str(candidate)
         return resolved.model_copy(update=local)
+
+    def output_folders(self) -> dict[Path, tuple[str, str]]:
+        """Folders the run replaces whole: path → (what it holds, the file that marks one)."""
+        return {}
+
+    def check_outputs(self) -> None:
+        """Refuse, before any work, to replace a folder that holds something else."""
+        for path, (what, marker) in self.output_folders().items():
+            check_new_output_folder(path, what=what, replaceable_marker=marker)
 
     def effective(self) -> str:
         """The recipe as YAML after defaults and overrides: what the run will actually do."""
         return yaml.safe_dump(json.loads(self.model_dump_json()), sort_keys=False).rstrip()
+
+
+class RunResult(BaseModel):
+    """What every recipe run returns: where its run card is, and its loss history."""
+
+    run_card: Path
+    losses: list[float]
+    skipped: int = Field(0, description="Input records left out (listed in skipped.json)")
 
 
 def shipped_recipes() -> dict[str, str]:
@@ -99,7 +126,7 @@ def shipped_recipes() -> dict[str, str]:
 def _locate(source: str | Path) -> tuple[Path, Path]:
     path = Path(source).expanduser()
     if path.is_file():
-        return path, path.parent
+        return path, path.resolve().parent
     shipped = shipped_recipes()
     if str(source) in shipped:
         packaged = _RECIPES / f"{source}.yaml"
@@ -110,7 +137,8 @@ def _locate(source: str | Path) -> tuple[Path, Path]:
     )
 
 
-def _apply(raw: dict, override: str) -> None:
+def _apply(raw: dict, override: str) -> str:
+    """Set ``KEY=VALUE`` in ``raw``; returns the dotted key."""
     key, sep, value = override.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"--set takes KEY=VALUE (e.g. train.steps=50), not {override!r}")
@@ -124,16 +152,17 @@ def _apply(raw: dict, override: str) -> None:
         node[leaf] = yaml.safe_load(value)
     except yaml.YAMLError as error:
         raise ConfigError(f"--set {key}: {value!r} is not a YAML value: {error}") from error
+    return key.strip()
 
 
-def _resolve_paths(model: BaseModel, base: Path) -> Any:
+def _resolve_paths(model: BaseModel, base: Path, typed: set[str], prefix: str) -> Any:
     update: dict[str, Any] = {}
     for name in type(model).model_fields:
-        value = getattr(model, name)
+        value, key = getattr(model, name), prefix + name
         if isinstance(value, Path) and not value.is_absolute():
-            update[name] = base / value.expanduser()
+            update[name] = ((Path.cwd() if key in typed else base) / value.expanduser()).resolve()
         elif isinstance(value, BaseModel):
-            update[name] = _resolve_paths(value, base)
+            update[name] = _resolve_paths(value, base, typed, key + ".")
     return model.model_copy(update=update)
 
 

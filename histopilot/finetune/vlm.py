@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, Field, field_validator
+from pydantic import Field, field_validator
 from transformers import PrinterCallback, TrainerCallback
 
 from histopilot.config import ROLE_NAMES
@@ -40,7 +40,15 @@ from histopilot.finetune.memory import (
     quantizable_linears,
     weight_bytes,
 )
-from histopilot.finetune.recipe import Recipe, Strict, file_digest, loss_summary, write_run_card
+from histopilot.finetune.recipe import (
+    Recipe,
+    RunResult,
+    Strict,
+    file_digest,
+    loss_summary,
+    write_run_card,
+)
+from histopilot.retrieval.encoders.neural import resolve_device
 from histopilot.serve.lora import VISION_MODULES, lora_layout_problems
 from histopilot.storage import atomic_directory
 
@@ -48,7 +56,13 @@ from histopilot.storage import atomic_directory
 LANGUAGE_MODEL_PROJECTIONS = (
     r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 )
+#: Modules QLoRA leaves in 16 bits (patterns matched from the start of a module's name): the
+#: vision tower and projector, whose quantisation costs more quality than it saves memory, and
+#: the output layer.
+KEEP_UNQUANTIZED = [r".*visual", r".*vision_tower", r".*multi_modal_projector", "lm_head"]
 FINGERPRINT_FILE = "fingerprint.txt"
+#: Ranks ``vllm serve --max-lora-rank`` accepts.
+VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 #: Text tokens assumed per example when estimating memory (question, answer, template).
 TEXT_TOKENS = 512
 Progress = Callable[[int, int, dict[str, float]], None]
@@ -118,6 +132,16 @@ class VLMRecipe(Recipe):
     adapter_name: str = Field("histopilot-describer", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     train: VLMTrain = VLMTrain()
 
+    @property
+    def adapter_folder(self) -> Path:
+        return self.adapter_dir or self.out / "adapter"
+
+    def output_folders(self) -> dict[Path, tuple[str, str]]:
+        folders = {self.adapter_folder: ("adapter", "adapter_config.json")}
+        if self.merge:
+            folders[self.out / "merged"] = ("merged model", "config.json")
+        return folders
+
     @field_validator("role")
     @classmethod
     def _known_role(cls, value: str) -> str:
@@ -126,15 +150,12 @@ class VLMRecipe(Recipe):
         return value
 
 
-class VLMResult(BaseModel):
+class VLMResult(RunResult):
     adapter: Path
     merged: Path | None
-    run_card: Path
     steps: int
-    losses: list[float]
     eval_before: dict[str, float]
     eval_after: dict[str, float]
-    skipped: int
     serve_config: str = Field(description="The histopilot.toml lines that serve the adapter")
 
 
@@ -145,6 +166,7 @@ def train_vlm(
     from trl import SFTConfig, SFTTrainer  # imported late: TRL takes seconds to import
 
     started = time.perf_counter()
+    recipe.check_outputs()
     device = _device(recipe.train.device)
     if recipe.quantization == "4bit" and device.type != "cuda":
         raise FinetuneError(
@@ -175,7 +197,7 @@ def train_vlm(
     trainer.train(resume_from_checkpoint=str(latest) if latest else None)
     eval_after = _evaluate(trainer) if eval_set is not None else {}
 
-    adapter = recipe.adapter_dir or recipe.out / "adapter"
+    adapter = recipe.adapter_folder
     with atomic_directory(adapter) as building:
         trainer.save_model(str(building))
         _name_base_model(building, recipe.model)
@@ -224,12 +246,12 @@ def load_datasets(recipe: VLMRecipe):
     conversations, report, root = read_conversations(recipe.data.train)
     if not conversations:
         raise TrainingDataError(f"nothing to train on in {recipe.data.train}: {report.summary()}")
-    files = [root / "conversations.jsonl"] + [root / p for c in conversations for p in c.images]
+    files = [Path(report.source)] + [root / p for c in conversations for p in c.images]
     if recipe.data.eval is not None:
         held_out, eval_report, eval_root = read_conversations(recipe.data.eval)
         report.skipped += eval_report.skipped
         evaluation = (held_out, eval_root)
-        files.append(eval_root / "conversations.jsonl")
+        files += [Path(eval_report.source)] + [eval_root / p for c in held_out for p in c.images]
     else:
         conversations, held_out = split(conversations, recipe.data.eval_fraction, recipe.train.seed)
         evaluation = (held_out, root)
@@ -242,16 +264,20 @@ def load_datasets(recipe: VLMRecipe):
 def split(
     conversations: list[Conversation], fraction: float, seed: int
 ) -> tuple[list[Conversation], list[Conversation]]:
-    """Hold out whole conversations (never answers of one conversation on both sides)."""
-    if fraction == 0 or len(conversations) < 2:
+    """Hold out whole images: every conversation about an image lands on the same side (a VQA
+    table asks several questions of one image; none of them may be studied for the test)."""
+    groups: dict[tuple[str, ...], list[Conversation]] = {}
+    for conversation in conversations:
+        key = tuple(conversation.images) or (conversation.id,)
+        groups.setdefault(key, []).append(conversation)
+    keys = list(groups)
+    if fraction == 0 or len(keys) < 2:
         return conversations, []
-    order = list(range(len(conversations)))
-    random.Random(seed).shuffle(order)
-    count = min(len(order) - 1, max(1, round(fraction * len(order))))
-    held = set(order[:count])
+    random.Random(seed).shuffle(keys)
+    held = set(keys[: min(len(keys) - 1, max(1, round(fraction * len(keys))))])
     return (
-        [c for i, c in enumerate(conversations) if i not in held],
-        [c for i, c in enumerate(conversations) if i in held],
+        [c for key in groups if key not in held for c in groups[key]],
+        [c for key in groups if key in held for c in groups[key]],
     )
 
 
@@ -275,12 +301,7 @@ def _message(message) -> dict:
 
 # -- model --------------------------------------------------------------------------------------
 def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as error:
-        raise FinetuneError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from error
+    device = resolve_device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise FinetuneError("train.device asks for CUDA but no GPU is visible; use auto or cpu")
     return device
@@ -311,22 +332,18 @@ def _load_model(recipe: VLMRecipe, device: torch.device):
 
     options: dict[str, Any] = {"dtype": _dtype(device)}
     if recipe.quantization == "4bit":
-        options["quantization_config"] = _nf4_config()
+        # TRL prepares a quantised model itself (input gradients, bf16 adapters); PEFT's
+        # prepare_model_for_kbit_training would also upcast every unquantised weight to fp32.
+        options["quantization_config"] = _nf4_config(_dtype(device))
         options["device_map"] = {"": device.index or 0}
     try:
         model = AutoModelForImageTextToText.from_pretrained(recipe.model, **options)
     except (OSError, ValueError) as error:
         raise FinetuneError(_unavailable(recipe.model, error)) from error
-    if recipe.quantization == "4bit":
-        from peft import prepare_model_for_kbit_training
-
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=recipe.train.gradient_checkpointing
-        )
     return model if recipe.quantization == "4bit" else model.to(device)
 
 
-def _nf4_config():
+def _nf4_config(compute_dtype: torch.dtype):
     try:
         import bitsandbytes  # noqa: F401
     except ImportError as error:
@@ -336,10 +353,9 @@ def _nf4_config():
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
-        bnb_4bit_compute_dtype=torch.bfloat16,
+        bnb_4bit_compute_dtype=compute_dtype,
         bnb_4bit_use_double_quant=True,
-        # The vision tower stays in bf16: quantising it costs more quality than memory saved.
-        llm_int8_skip_modules=["visual", "vision_tower", "multi_modal_projector", "lm_head"],
+        llm_int8_skip_modules=KEEP_UNQUANTIZED,
     )
 
 
@@ -452,21 +468,35 @@ def _number(value: object) -> bool:
 
 # -- checkpoints, outputs -----------------------------------------------------------------------
 def _fingerprint(recipe: VLMRecipe, data_sha: str) -> str:
-    """What a checkpoint must match to be continued: data, model, adapter shape, image size."""
-    fields = {"model", "lora", "quantization", "max_image_pixels", "max_length"}
+    """What a checkpoint must match to be continued: the data and its split, the model, the
+    adapter's shape, the image size and the batch geometry the trainer's step count assumes."""
+    fields = {
+        "model": True,
+        "lora": True,
+        "quantization": True,
+        "max_image_pixels": True,
+        "max_length": True,
+        "data": True,
+        "train": {"seed", "batch_size", "gradient_accumulation", "scheduler"},
+    }
     return f"{data_sha}:{recipe.model_dump_json(include=fields)}"
 
 
 def _guard_checkpoints(folder: Path, fingerprint: str, resume: bool) -> Path | None:
-    """The checkpoint to continue from, after checking it belongs to this data and model."""
+    """The checkpoint to continue from, after checking it belongs to this run's data and
+    model; checkpoints with no record of what made them are not continued either."""
     marker = folder / FINGERPRINT_FILE
     if not resume and folder.exists():
         shutil.rmtree(folder)
-    found = sorted(folder.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
-    if found and marker.is_file() and marker.read_text(encoding="utf-8") != fingerprint:
+    found = sorted(
+        (p for p in folder.glob("checkpoint-*") if p.name.removeprefix("checkpoint-").isdigit()),
+        key=lambda p: int(p.name.removeprefix("checkpoint-")),
+    )
+    recorded = marker.read_text(encoding="utf-8") if marker.is_file() else None
+    if found and recorded != fingerprint:
         raise FinetuneError(
-            f"the checkpoints in {folder} come from another model, adapter shape or dataset; "
-            "rerun with --restart to start over, or give another out folder"
+            f"the checkpoints in {folder} come from another model, adapter shape, dataset or "
+            "batch size; rerun with --restart to start over, or give another out folder"
         )
     folder.mkdir(parents=True, exist_ok=True)
     marker.write_text(fingerprint, encoding="utf-8")
@@ -497,12 +527,17 @@ def merge_adapter(recipe: VLMRecipe, adapter: Path) -> Path:
 
 
 def serve_snippet(recipe: VLMRecipe, adapter: Path) -> str:
-    """The configuration that makes `histopilot serve-llm` load the adapter for the role."""
-    return (
-        f"[roles.{recipe.role}]\n"
-        f'adapter = "{recipe.adapter_name}"\n'
-        f'adapter_path = "{adapter.resolve()}"\n'
-    )
+    """The configuration that makes `histopilot serve-llm` load the adapter for the role
+    (with the rank vLLM must allow when it is above the default 64)."""
+    lines = [
+        f"[roles.{recipe.role}]",
+        f"adapter = {json.dumps(recipe.adapter_name)}",
+        f"adapter_path = {json.dumps(str(adapter.resolve()))}",
+    ]
+    if recipe.lora.r > 64:
+        rank = next(r for r in VLLM_LORA_RANKS if r >= recipe.lora.r)
+        lines += ["", "[vllm]", f"max_lora_rank = {rank}"]
+    return "\n".join(lines) + "\n"
 
 
 # -- memory -------------------------------------------------------------------------------------
@@ -545,11 +580,10 @@ def estimate_for_config(
     text = config.get_text_config()
     gpu = torch.device(device).type == "cuda"
     dtype_bytes = 2 if gpu else 4
-    skip = ("visual", "vision_tower", "multi_modal_projector", "lm_head")
     weights = weight_bytes(
         model,
         dtype_bytes=dtype_bytes,
-        quantized=quantizable_linears(model, skip) if quantized else None,
+        quantized=quantizable_linears(model, KEEP_UNQUANTIZED) if quantized else None,
     )
     tokens = batch_size * (image_pixels // (28 * 28) + TEXT_TOKENS)
     activations = block_activation_bytes(
@@ -565,4 +599,6 @@ def estimate_for_config(
         trainable_parameters=lora_parameters(model, lora.target_modules, lora.r),
         activations=activations,
         device=device,
+        # TRL keeps QLoRA adapters in bf16 (weights, gradients and AdamW state in 2 bytes each).
+        trainable_bytes=8 if quantized else 16,
     )

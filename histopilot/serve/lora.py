@@ -16,6 +16,7 @@ from pathlib import Path
 from safetensors import safe_open
 
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
+PICKLED_WEIGHTS = ("adapter_model.bin", "adapter_model.pt")
 #: Module-name fragments of vision towers and projectors across Qwen-VL and LLaVA families.
 VISION_MODULES = ("visual.", "vision_tower.", "vision_model.", "multi_modal_projector.")
 
@@ -48,7 +49,10 @@ def lora_layout_problems(folder: str | Path, max_rank: int | None = None) -> lis
         problems.append(f"rank {rank} is above the server's max_lora_rank {max_rank}")
     weights = folder / WEIGHTS_FILE
     if not weights.is_file():
-        problems.append(f"no {WEIGHTS_FILE}")
+        # vLLM also reads PyTorch pickles; their tensor names cannot be listed without
+        # unpickling, so only their presence is checked.
+        if not any((folder / name).is_file() for name in PICKLED_WEIGHTS):
+            problems.append(f"no {WEIGHTS_FILE} (or {' / '.join(PICKLED_WEIGHTS)})")
         return problems
     try:
         with safe_open(str(weights), framework="pt") as handle:
