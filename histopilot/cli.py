@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Annotated, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Annotated, ParamSpec, TypeVar
 
 import typer
 from pydantic import BaseModel
@@ -25,7 +25,6 @@ from rich.table import Table
 from histopilot import __version__
 from histopilot.config import ROLE_NAMES, HistopilotConfig, available_profiles, load_config
 from histopilot.errors import HistopilotError, ImageInputError, OutputError
-from histopilot.finetune.recipe import RunResult, loss_summary, shipped_recipes
 from histopilot.serve.vllm_launch import LaunchPlan, VLLMServer, plan_servers, run_servers
 from histopilot.slide import Slide, SlideInfo, detect_tissue, open_slide
 from histopilot.slide.demo import build_demo_slide
@@ -34,6 +33,9 @@ from histopilot.slide.tiling import TileGrid, iter_tiles, tile_grid
 from histopilot.storage import atomic_file
 from histopilot.tools.report.render import ReportFormat
 from histopilot.tools.report.schemas import SCHEMA_ALIASES, SCHEMAS
+
+if TYPE_CHECKING:
+    from histopilot.finetune.recipe import RunResult
 
 app = typer.Typer(
     name="histopilot",
@@ -1193,13 +1195,17 @@ def _train_progress(progress: Progress, total: int):
     return advance
 
 
-def _train(train: Callable[..., R], recipe, total: int) -> R:
-    """Run a recipe that reports (step, of, loss) and announces its memory estimate."""
+def _train(train: Callable[..., R], recipe, total: int, **options) -> R:
+    """Run a recipe with a progress bar, printing what it announces (its memory estimate)."""
     with _progress() as progress:
-        return train(recipe, on_progress=_train_progress(progress, total), announce=_announce)
+        return train(
+            recipe, on_progress=_train_progress(progress, total), announce=_announce, **options
+        )
 
 
 def _report_run(result: RunResult, as_json: bool, line: str) -> None:
+    from histopilot.finetune.recipe import loss_summary
+
     summary = result.model_dump(mode="json", exclude={"losses"}) | loss_summary(result.losses)
     _report(summary, as_json, escape(line))
 
@@ -1212,6 +1218,8 @@ def _announce(line: str) -> None:
 @reports_user_errors
 def finetune_recipes(as_json: AsJson = False) -> None:
     """List the recipes shipped with histopilot (pass a name to --config)."""
+    from histopilot.finetune.recipe import shipped_recipes
+
     recipes = shipped_recipes()
     if as_json:
         _print_json(recipes)
@@ -1230,19 +1238,10 @@ def finetune_vlm(
     as_json: AsJson = False,
 ) -> None:
     """LoRA fine-tuning of a vision-language model (TRL SFT); writes a vLLM-servable adapter."""
-    from histopilot.finetune.vlm import VLMRecipe, expected_memory, train_vlm
+    from histopilot.finetune.vlm import VLMRecipe, train_vlm
 
     recipe = _recipe(VLMRecipe, config, out, overrides)
-    memory = expected_memory(recipe)
-    _announce(memory.line() if memory else "expected memory: unknown (model config not found)")
-    with _progress() as progress:
-        advance = _train_progress(progress, recipe.train.steps or 0)
-
-        def on_log(step: int, of: int, logs: dict[str, float]) -> None:
-            if "loss" in logs:
-                advance(step, of, logs["loss"])
-
-        result = train_vlm(recipe, resume=resume, on_progress=on_log)
+    result = _train(train_vlm, recipe, recipe.train.steps or 0, resume=resume)
     _report_run(
         result,
         as_json,
@@ -1299,21 +1298,10 @@ def finetune_diffusion(
     as_json: AsJson = False,
 ) -> None:
     """Train the conditional tile diffusion model (EMA, checkpoints, sample grids, resume)."""
-    from histopilot.finetune.diffusion import DiffusionRecipe, expected_memory, train_diffusion
+    from histopilot.finetune.diffusion import DiffusionRecipe, train_diffusion
 
     recipe = _recipe(DiffusionRecipe, config, out, overrides)
-    if not resume and (recipe.out / "checkpoints").exists():
-        import shutil
-
-        shutil.rmtree(recipe.out / "checkpoints")
-    _announce(expected_memory(recipe).line())
-    with _progress() as progress:
-        advance = _train_progress(progress, recipe.train.steps)
-        result = train_diffusion(
-            recipe,
-            resume=resume,
-            on_step=lambda step, loss: advance(step, recipe.train.steps, loss),
-        )
+    result = _train(train_diffusion, recipe, recipe.train.steps, resume=resume)
     _report_run(result, as_json, f"{result.steps} steps; model → {result.model}")
 
 

@@ -95,3 +95,10 @@ class TrainingDataError(HistopilotError):
 
 class FinetuneError(HistopilotError):
     """A fine-tuning recipe, its model and this machine do not fit together."""
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message (its type when it has none), for messages
+    that quote a library's error without its whole report."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

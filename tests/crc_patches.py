@@ -27,3 +27,13 @@ def split_by_patch(rows: list[dict]) -> tuple[list[dict], list[dict]]:
         seen[row["label"]] = seen.get(row["label"], 0) + 1
         (first if seen[row["label"]] <= 2 else second).append(row)
     return first, second
+
+
+def caption_table(path: Path, rows: list[dict], template: str = "{}") -> Path:
+    """A caption table (image, caption, label) with each patch captioned from its label."""
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["image", "caption", "label"])
+        for row in rows:
+            writer.writerow([row["file"], template.format(TISSUE[row["label"]]), row["label"]])
+    return path

@@ -14,6 +14,7 @@ from histopilot.finetune.diffusion import DiffusionRecipe
 from histopilot.finetune.mil import MILRecipe
 from histopilot.finetune.recipe import shipped_recipes
 from histopilot.finetune.vlm import VLMRecipe
+from tests.crc_patches import caption_table, crc_rows
 from tests.tiny_models import save, tiny_vlm
 
 runner = CliRunner()
@@ -22,14 +23,8 @@ KINDS = {"vlm": VLMRecipe, "clip": ClipRecipe, "mil": MILRecipe, "diffusion": Di
 
 @pytest.fixture
 def captions(test_data: Path, tmp_path: Path) -> Path:
-    patches = test_data / "patches" / "crc_val_he_7k"
-    rows = ["image,caption"] + [
-        f"{path.name},{path.name.split('-')[0].lower()} tissue"
-        for path in sorted(patches.glob("*.png"))[::2]
-    ]
-    table = tmp_path / "captions.csv"
-    table.write_text("\n".join(rows) + "\n")
-    return table
+    _, rows = crc_rows(test_data)
+    return caption_table(tmp_path / "captions.csv", rows[::2])
 
 
 def test_every_shipped_recipe_is_listed_and_valid():

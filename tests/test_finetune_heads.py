@@ -27,22 +27,15 @@ from histopilot.finetune.clip import (
 )
 from histopilot.finetune.mil import MILRecipe, train_mil
 from histopilot.retrieval.encoders import load_encoder
-from tests.crc_patches import TISSUE, crc_rows, split_by_patch
+from tests.crc_patches import TISSUE, caption_table, crc_rows, split_by_patch
 from tests.tiny_encoders import save_tiny_open_clip
+
+CAPTION = "an H&E image of {}."
 
 
 @pytest.fixture(scope="module")
 def crc(test_data: Path) -> tuple[Path, list[dict]]:
     return crc_rows(test_data)
-
-
-def caption_table(path: Path, rows: list[dict]) -> Path:
-    with path.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["image", "caption", "label"])
-        for row in rows:
-            writer.writerow([row["file"], f"an H&E image of {TISSUE[row['label']]}.", row["label"]])
-    return path
 
 
 def clip_recipe(crc, folder: Path, **changes) -> ClipRecipe:
@@ -51,8 +44,8 @@ def clip_recipe(crc, folder: Path, **changes) -> ClipRecipe:
     fields = {
         "model": f"local-dir:{save_tiny_open_clip(folder / 'tiny-clip')}",
         "data": {
-            "train": caption_table(folder / "train.csv", train_rows),
-            "eval": caption_table(folder / "eval.csv", held_out),
+            "train": caption_table(folder / "train.csv", train_rows, CAPTION),
+            "eval": caption_table(folder / "eval.csv", held_out, CAPTION),
             "image_root": patches,
             "label_column": "label",
         },

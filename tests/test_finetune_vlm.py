@@ -5,7 +5,6 @@ The adapter must do what a served one does: reload in PEFT to the same outputs a
 model, keep to the language model, and pass the layout checks `serve-llm` applies for vLLM.
 """
 
-import csv
 import json
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from histopilot.finetune.converters import convert
 from histopilot.finetune.vlm import LANGUAGE_MODEL_PROJECTIONS, VLMRecipe, split, train_vlm
 from histopilot.serve.lora import lora_layout_problems
 from histopilot.serve.vllm_launch import plan_servers
-from tests.crc_patches import TISSUE, crc_rows, split_by_patch
+from tests.crc_patches import caption_table, crc_rows, split_by_patch
 from tests.tiny_models import save, tiny_vlm
 
 
@@ -38,11 +37,7 @@ def crc_dataset(test_data: Path, tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("crc")
     patches, rows = crc_rows(test_data)
     rows, _ = split_by_patch(rows)
-    table = folder / "captions.csv"
-    with table.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["image", "caption"])
-        writer.writerows((row["file"], TISSUE[row["label"]]) for row in rows)
+    table = caption_table(folder / "captions.csv", rows)
     convert(table, folder / "dataset", "captions", image_root=patches)
     return folder / "dataset"
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
@@ -28,17 +27,22 @@ from torch.nn import functional as F  # noqa: N812
 
 from histopilot.errors import FinetuneError, TrainingDataError
 from histopilot.finetune.conversations import ConversionReport
-from histopilot.finetune.converters import ImageCells, table_rows
 from histopilot.finetune.memory import MemoryEstimate, block_activation_bytes, estimate
 from histopilot.finetune.recipe import (
+    Announce,
+    Progress,
     Recipe,
     RunResult,
     Strict,
     file_digest,
+    held_out,
     loss_summary,
     write_run_card,
 )
-from histopilot.retrieval.encoders.neural import resolve_device
+from histopilot.finetune.tables import ImageCells, table_rows
+from histopilot.retrieval.encoders.neural import open_clip_parts, resolve_device
+from histopilot.retrieval.search import load_query_image
+from histopilot.serve.lora import CONFIG_FILE as ADAPTER_CONFIG
 from histopilot.storage import atomic_directory
 
 #: Attention (PEFT adapts ``nn.MultiheadAttention``'s input and output projections; open_clip
@@ -46,8 +50,6 @@ from histopilot.storage import atomic_directory
 #: the MLP of every residual block, image and text towers.
 CLIP_BLOCK_LAYERS = r".*transformer\.resblocks\.\d+\.(attn|mlp\.c_fc|mlp\.c_proj)"
 RECALL_AT = (1, 5, 10)
-Progress = Callable[[int, int, float], None]
-Announce = Callable[[str], None]
 
 
 class ClipData(Strict):
@@ -101,7 +103,7 @@ class ClipRecipe(Recipe):
     def output_folders(self) -> dict[Path, tuple[str, str]]:
         folders = {self.out / "model": ("model", "open_clip_config.json")}
         if self.mode == "lora":
-            folders[self.out / "adapter"] = ("adapter", "adapter_config.json")
+            folders[self.out / "adapter"] = ("adapter", ADAPTER_CONFIG)
         return folders
 
     def relative_to(self, base: Path, *, typed: set[str] | None = None) -> ClipRecipe:
@@ -196,18 +198,18 @@ def load_pairs(recipe: ClipRecipe) -> tuple[Pairs, Pairs, ConversionReport, str]
     data = recipe.data
     train, report = _read_pairs(data.train, data, recipe.out)
     if data.eval is not None:
-        held_out, eval_report = _read_pairs(data.eval, data, recipe.out)
+        held, eval_report = _read_pairs(data.eval, data, recipe.out)
         report.skipped += eval_report.skipped
     else:
-        train, held_out = _split(train, data.eval_fraction, recipe.train.seed)
-    if len(train.images) < 2 or not held_out.images:
+        train, held = _split(train, data.eval_fraction, recipe.train.seed)
+    if len(train.images) < 2 or not held.images:
         raise TrainingDataError(
-            f"{data.train}: {len(train.images)} training and {len(held_out.images)} held-out "
+            f"{data.train}: {len(train.images)} training and {len(held.images)} held-out "
             "pairs; training needs two or more and evaluation one or more"
         )
     files = [data.train, *([data.eval] if data.eval else [])]
-    data_sha = file_digest([*files, *train.images, *held_out.images])
-    return train, held_out, report, data_sha
+    data_sha = file_digest([*files, *train.images, *held.images])
+    return train, held, report, data_sha
 
 
 def _read_pairs(table: Path, data: ClipData, out: Path) -> tuple[Pairs, ConversionReport]:
@@ -242,9 +244,7 @@ def _split(pairs: Pairs, fraction: float, seed: int) -> tuple[Pairs, Pairs]:
     rng = random.Random(seed)
     held: list[int] = []
     for by_image in groups.values():
-        images = list(by_image)
-        rng.shuffle(images)
-        for image in images[: min(len(images) - 1, max(1, round(fraction * len(images))))]:
+        for image in held_out(list(by_image), fraction, rng):
             held += by_image[image]
     chosen = set(held)
     rest = [i for i in range(len(pairs.images)) if i not in chosen]
@@ -256,17 +256,10 @@ def load_open_clip_model(recipe: ClipRecipe, device: torch.device):
     """(model, image transform, tokenizer, open_clip model config) of the recipe's model."""
     import open_clip
 
-    try:
-        model, _, transform = open_clip.create_model_and_transforms(
-            recipe.model, pretrained=recipe.pretrained, device=device
-        )
-        tokenizer = open_clip.get_tokenizer(recipe.model)
-        config = open_clip.get_model_config(recipe.model)
-    except (OSError, RuntimeError, ValueError) as error:
-        raise FinetuneError(
-            f"cannot load the open_clip model {recipe.model}: {error}. Name a local folder "
-            "(local-dir:PATH) or download the model once on a connected machine"
-        ) from error
+    model, transform, tokenizer = open_clip_parts(
+        recipe.model, recipe.pretrained, name=recipe.model, device=device
+    )
+    config = open_clip.get_model_config(recipe.model)  # cached by the load above
     if config is None:
         raise FinetuneError(f"open_clip has no configuration for {recipe.model}")
     return model, transform, tokenizer, config
@@ -352,8 +345,8 @@ class _ImageSet(torch.utils.data.Dataset):
     def __getitem__(self, index: int):
         from PIL import Image
 
-        with Image.open(self.paths[index]) as image:
-            pixels = self.transform(image.convert("RGB"))
+        # Read as the encoder reads images at search time (16-bit scaled, alpha over white).
+        pixels = self.transform(Image.fromarray(load_query_image(self.paths[index])))
         if self.augment:
             turns = int(torch.randint(0, 4, ()))
             pixels = torch.rot90(pixels, turns, dims=(1, 2))

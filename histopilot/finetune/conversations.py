@@ -21,7 +21,7 @@ import json
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, Field, ValidationError, model_validator
@@ -116,7 +116,8 @@ class ConversionReport(BaseModel):
 
     @property
     def by_reason(self) -> dict[str, int]:
-        return dict(Counter(_reason_kind(item.reason) for item in self.skipped).most_common())
+        kinds = Counter(item.reason.split(":", 1)[0] for item in self.skipped)
+        return dict(kinds.most_common())
 
     def summary(self) -> str:
         if not self.skipped:
@@ -130,10 +131,6 @@ class ConversionReport(BaseModel):
         with atomic_file(path) as tmp:
             tmp.write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n")
         return path
-
-
-def _reason_kind(reason: str) -> str:
-    return reason.split(":", 1)[0]
 
 
 def check_image(path: Path) -> str | None:
@@ -150,6 +147,25 @@ def check_image(path: Path) -> str | None:
     return None
 
 
+def validated(report: ConversionReport, record: object, **fields: Any) -> Conversation | None:
+    """The conversation ``fields`` describe, or ``None`` with the reason added to ``report``."""
+    try:
+        return Conversation.model_validate(fields)
+    except ValueError as error:
+        message = error.errors()[0]["msg"] if hasattr(error, "errors") else str(error)
+        report.skip(record, f"invalid record: {message.removeprefix('Value error, ')}")
+        return None
+
+
+def single_turn(question: str, answer: str) -> list[dict]:
+    """The messages of one image, one question and its answer."""
+    return [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]},
+        {"role": "assistant", "content": [{"type": "text", "text": answer}]},
+    ]
+
+
+# -- histopilot analyses ----------------------------------------------------------------------
 def write_conversations(folder: Path, conversations: list[Conversation]) -> Path:
     """Write ``conversations.jsonl`` in ``folder`` in one piece."""
     path = folder / CONVERSATIONS_FILE
@@ -173,6 +189,7 @@ def read_conversations(source: str | Path) -> tuple[list[Conversation], Conversi
     report = ConversionReport(source=str(path), format="conversations")
     kept: list[Conversation] = []
     ids: set[str] = set()
+    checked: dict[str, str | None] = {}
     with path.open(encoding="utf-8", errors="replace") as handle:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
@@ -184,9 +201,10 @@ def read_conversations(source: str | Path) -> tuple[list[Conversation], Conversi
             if conversation.id in ids:
                 report.skip(number, f"duplicate id: {conversation.id}")
                 continue
-            problem = next(
-                (p for image in conversation.images if (p := check_image(root / image))), None
-            )
+            for image in conversation.images:
+                if image not in checked:  # many conversations may show one image
+                    checked[image] = check_image(root / image)
+            problem = next((checked[i] for i in conversation.images if checked[i]), None)
             if problem:
                 report.skip(conversation.id, problem)
                 continue

@@ -15,7 +15,7 @@ import json
 import re
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
@@ -29,7 +29,15 @@ from pydantic import Field, model_validator
 
 from histopilot.errors import DiffusionError
 from histopilot.finetune.memory import MemoryEstimate, estimate
-from histopilot.finetune.recipe import Recipe, RunResult, Strict, loss_summary, write_run_card
+from histopilot.finetune.recipe import (
+    Announce,
+    Progress,
+    Recipe,
+    RunResult,
+    Strict,
+    loss_summary,
+    write_run_card,
+)
 from histopilot.slide.render import save_png
 from histopilot.storage import atomic_directory
 from histopilot.tools.diffusion.classifier import random_dihedral, train_classifier
@@ -168,22 +176,7 @@ def build_model(recipe: DiffusionRecipe, conditions: list[str]) -> TileDiffusion
             f"image_size {recipe.image_size} must be a multiple of {scale * 2 ** (depth - 1)} "
             f"for {depth} UNet blocks" + (" and the VAE" if vae else "")
         )
-    down = ["DownBlock2D"] * depth
-    up = ["UpBlock2D"] * depth
-    if spec.attention:
-        down[-1], up[0] = "AttnDownBlock2D", "AttnUpBlock2D"
-    unet = UNet2DModel(
-        sample_size=recipe.image_size // scale,
-        in_channels=channels,
-        out_channels=channels,
-        block_out_channels=tuple(spec.block_out_channels),
-        layers_per_block=spec.layers_per_block,
-        down_block_types=tuple(down),
-        up_block_types=tuple(up),
-        norm_num_groups=spec.norm_num_groups,
-        num_class_embeds=len(conditions) or None,
-        add_attention=spec.attention,
-    )
+    unet = _unet(recipe, len(conditions), channels, recipe.image_size // scale)
     scheduler = DDIMScheduler(
         num_train_timesteps=recipe.train.num_train_timesteps,
         beta_schedule=recipe.train.beta_schedule,
@@ -192,19 +185,35 @@ def build_model(recipe: DiffusionRecipe, conditions: list[str]) -> TileDiffusion
     return TileDiffusion(unet, scheduler, conditions, recipe.image_size, vae)
 
 
+def _unet(recipe: DiffusionRecipe, classes: int, channels: int, size: int) -> UNet2DModel:
+    """The UNet the recipe describes, for ``size``-pixel inputs of ``channels`` channels."""
+    spec = recipe.model
+    depth = len(spec.block_out_channels)
+    down = ["DownBlock2D"] * depth
+    up = ["UpBlock2D"] * depth
+    if spec.attention:
+        down[-1], up[0] = "AttnDownBlock2D", "AttnUpBlock2D"
+    return UNet2DModel(
+        sample_size=size,
+        in_channels=channels,
+        out_channels=channels,
+        block_out_channels=tuple(spec.block_out_channels),
+        layers_per_block=spec.layers_per_block,
+        down_block_types=tuple(down),
+        up_block_types=tuple(up),
+        norm_num_groups=spec.norm_num_groups,
+        num_class_embeds=classes or None,
+        add_attention=spec.attention,
+    )
+
+
 def expected_memory(recipe: DiffusionRecipe) -> MemoryEstimate:
     """Float32 UNet weights with AdamW and EMA copies, and one batch's activations: at each
-    resolution the down and up paths keep about six feature maps per ResNet layer."""
+    resolution the down and up paths keep about six feature maps per ResNet layer. Sized for
+    pixels (a VAE's latents are smaller, so the estimate errs high there)."""
     spec = recipe.model
     with torch.device("meta"):
-        unet = UNet2DModel(
-            sample_size=recipe.image_size,
-            block_out_channels=tuple(spec.block_out_channels),
-            layers_per_block=spec.layers_per_block,
-            down_block_types=("DownBlock2D",) * len(spec.block_out_channels),
-            up_block_types=("UpBlock2D",) * len(spec.block_out_channels),
-            norm_num_groups=spec.norm_num_groups,
-        )
+        unet = _unet(recipe, 0, 3, recipe.image_size)
     parameters = sum(p.numel() for p in unet.parameters())
     maps = sum(
         2 * (spec.layers_per_block + 1) * 6 * channels * (recipe.image_size // 2**level) ** 2
@@ -222,11 +231,17 @@ def train_diffusion(
     recipe: DiffusionRecipe,
     *,
     resume: bool = True,
-    on_step: Callable[[int, float], None] | None = None,
+    on_progress: Progress | None = None,
+    announce: Announce | None = None,
 ) -> TrainingResult:
-    """Train (or continue training) the recipe's model; see the module docstring."""
+    """Train the recipe's model, continuing from its last checkpoint when ``resume`` (and
+    discarding the checkpoints otherwise); see the module docstring."""
     started = time.perf_counter()
     train = recipe.train
+    if announce:
+        announce(expected_memory(recipe).line())
+    if not resume:
+        shutil.rmtree(recipe.out / "checkpoints", ignore_errors=True)
     tiles, labels = load_tiles(recipe.data, recipe.image_size)
     conditions = sorted(set(labels)) if labels else []
     if recipe.classifier.train and labels and len(conditions) < 2:
@@ -249,9 +264,7 @@ def train_diffusion(
     checkpoints = recipe.out / "checkpoints"
     data_sha = _data_digest(tiles, labels).hexdigest()
     fingerprint = _fingerprint(recipe, data_sha)
-    step = (
-        _resume(checkpoints, fingerprint, model, ema, optimizer, generator, losses) if resume else 0
-    )
+    step = _resume(checkpoints, fingerprint, model, ema, optimizer, generator, losses)
 
     model.unet.train()
     while step < train.steps:
@@ -273,8 +286,8 @@ def train_diffusion(
         ema.step(model.unet.parameters())
         step += 1
         losses.append(loss.item())
-        if on_step:
-            on_step(step, losses[-1])
+        if on_progress:
+            on_progress(step, train.steps, losses[-1])
         if step % train.sample_every == 0 or step == train.steps:
             with _ema_weights(ema, model):
                 save_sample_grid(model, recipe.out / "samples" / f"step-{step:07d}.png", train)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import random
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import h5py
@@ -23,22 +22,24 @@ import torch
 from pydantic import BaseModel, Field
 from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
+from histopilot.agents.mil import CONFIG_FILE as HEAD_CONFIG
 from histopilot.agents.mil import AttentionMIL, MILHeadConfig
 from histopilot.errors import FinetuneError, HistopilotError, TrainingDataError
 from histopilot.finetune.conversations import ConversionReport
-from histopilot.finetune.converters import table_rows
 from histopilot.finetune.memory import MemoryEstimate, estimate
 from histopilot.finetune.recipe import (
+    Announce,
+    Progress,
     Recipe,
     RunResult,
     Strict,
     file_digest,
+    held_out,
     loss_summary,
     write_run_card,
 )
+from histopilot.finetune.tables import table_rows
 from histopilot.storage import atomic_directory
-
-Progress = Callable[[int, int, float], None]
 
 
 class MILData(Strict):
@@ -79,7 +80,7 @@ class MILRecipe(Recipe):
     )  # fmt: skip
 
     def output_folders(self) -> dict[Path, tuple[str, str]]:
-        return {self.out / "mil_head": ("triage head", "mil_head.json")}
+        return {self.out / "mil_head": ("triage head", HEAD_CONFIG)}
 
 
 class Bag(BaseModel, arbitrary_types_allowed=True):
@@ -102,7 +103,7 @@ def train_mil(
     recipe: MILRecipe,
     *,
     on_progress: Progress | None = None,
-    announce: Callable[[str], None] | None = None,
+    announce: Announce | None = None,
 ) -> MILResult:
     started = time.perf_counter()
     recipe.check_outputs()
@@ -294,10 +295,9 @@ def _split(bags: list[Bag], fraction: float, seed: int) -> None:
     rng = random.Random(seed)
     for label in sorted({bag.label for bag in bags}):
         members = [bag for bag in bags if bag.label == label]
-        rng.shuffle(members)
-        count = min(len(members) - 1, max(1, round(fraction * len(members))))
-        for index, bag in enumerate(members):
-            bag.validation = index < count
+        chosen = {id(bag) for bag in held_out(members, fraction, rng)}
+        for bag in members:
+            bag.validation = id(bag) in chosen
 
 
 def _bags_digest(recipe: MILRecipe, bags: list[Bag]) -> str:

@@ -13,11 +13,12 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
+import random
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from importlib import metadata, resources
 from pathlib import Path
-from typing import Any, ClassVar, Self
+from typing import Any, ClassVar, Self, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -28,6 +29,11 @@ from histopilot.storage import atomic_file, check_new_output_folder
 
 RUN_CARD = "run.json"
 _RECIPES = resources.files("histopilot.finetune") / "recipes"
+T = TypeVar("T")
+#: What a recipe reports as it trains: (step or epoch, of how many, the latest loss).
+Progress = Callable[[int, int, float], None]
+#: Where a recipe says things before it starts (its memory estimate).
+Announce = Callable[[str], None]
 #: Libraries whose versions decide whether a run can be reproduced.
 _LIBRARIES = (
     "torch",
@@ -166,10 +172,19 @@ def _resolve_paths(model: BaseModel, base: Path, typed: set[str], prefix: str) -
     return model.model_copy(update=update)
 
 
+def held_out(keys: list[T], fraction: float, rng: random.Random) -> list[T]:
+    """The keys a validation split holds out: ``round(fraction × n)`` of them drawn at random,
+    at least one and never all (so both sides exist when there are two or more)."""
+    keys = list(keys)
+    rng.shuffle(keys)
+    return keys[: min(len(keys) - 1, max(1, round(fraction * len(keys))))]
+
+
 def file_digest(paths: Iterable[Path], digest: Any | None = None) -> str:
-    """SHA-256 over the bytes of ``paths`` in the order given: the run card's data hash."""
+    """SHA-256 over the bytes of ``paths``, each distinct file once in the order first given:
+    the run card's data hash."""
     digest = digest or hashlib.sha256()
-    for path in paths:
+    for path in dict.fromkeys(paths):
         with path.open("rb") as handle:
             while chunk := handle.read(1 << 20):
                 digest.update(chunk)

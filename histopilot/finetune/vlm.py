@@ -15,20 +15,18 @@ Outputs in the recipe's ``out`` folder: ``adapter/`` (checked against vLLM's LoR
 from __future__ import annotations
 
 import json
-import math
 import random
 import re
 import shutil
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 from pydantic import Field, field_validator
 from transformers import PrinterCallback, TrainerCallback
 
-from histopilot.config import ROLE_NAMES
+from histopilot.config import ROLE_NAMES, VLLMConfig
 from histopilot.errors import FinetuneError, TrainingDataError
 from histopilot.finetune.conversations import Conversation, read_conversations
 from histopilot.finetune.memory import (
@@ -41,14 +39,18 @@ from histopilot.finetune.memory import (
     weight_bytes,
 )
 from histopilot.finetune.recipe import (
+    Announce,
+    Progress,
     Recipe,
     RunResult,
     Strict,
     file_digest,
+    held_out,
     loss_summary,
     write_run_card,
 )
 from histopilot.retrieval.encoders.neural import resolve_device
+from histopilot.serve.lora import CONFIG_FILE as ADAPTER_CONFIG
 from histopilot.serve.lora import VISION_MODULES, lora_layout_problems
 from histopilot.storage import atomic_directory
 
@@ -59,13 +61,13 @@ LANGUAGE_MODEL_PROJECTIONS = (
 #: Modules QLoRA leaves in 16 bits (patterns matched from the start of a module's name): the
 #: vision tower and projector, whose quantisation costs more quality than it saves memory, and
 #: the output layer.
-KEEP_UNQUANTIZED = [r".*visual", r".*vision_tower", r".*multi_modal_projector", "lm_head"]
+KEEP_UNQUANTIZED = [f".*{name.rstrip('.')}" for name in VISION_MODULES] + ["lm_head"]
 FINGERPRINT_FILE = "fingerprint.txt"
-#: Ranks ``vllm serve --max-lora-rank`` accepts.
-VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
+#: Ranks ``vllm serve --max-lora-rank`` accepts, and what serve-llm passes unless told.
+VLLM_LORA_RANKS = get_args(VLLMConfig.model_fields["max_lora_rank"].annotation)
+DEFAULT_LORA_RANK_LIMIT = VLLMConfig.model_fields["max_lora_rank"].default
 #: Text tokens assumed per example when estimating memory (question, answer, template).
 TEXT_TOKENS = 512
-Progress = Callable[[int, int, dict[str, float]], None]
 
 
 class LoraSpec(Strict):
@@ -137,7 +139,7 @@ class VLMRecipe(Recipe):
         return self.adapter_dir or self.out / "adapter"
 
     def output_folders(self) -> dict[Path, tuple[str, str]]:
-        folders = {self.adapter_folder: ("adapter", "adapter_config.json")}
+        folders = {self.adapter_folder: ("adapter", ADAPTER_CONFIG)}
         if self.merge:
             folders[self.out / "merged"] = ("merged model", "config.json")
         return folders
@@ -160,7 +162,11 @@ class VLMResult(RunResult):
 
 
 def train_vlm(
-    recipe: VLMRecipe, *, resume: bool = True, on_progress: Progress | None = None
+    recipe: VLMRecipe,
+    *,
+    resume: bool = True,
+    on_progress: Progress | None = None,
+    announce: Announce | None = None,
 ) -> VLMResult:
     """Train the recipe's adapter (continuing from its last checkpoint when ``resume``)."""
     from trl import SFTConfig, SFTTrainer  # imported late: TRL takes seconds to import
@@ -168,6 +174,9 @@ def train_vlm(
     started = time.perf_counter()
     recipe.check_outputs()
     device = _device(recipe.train.device)
+    if announce:
+        memory = expected_memory(recipe)
+        announce(memory.line() if memory else "expected memory: unknown (no model config here)")
     if recipe.quantization == "4bit" and device.type != "cuda":
         raise FinetuneError(
             "QLoRA (quantization: 4bit) needs a CUDA GPU and bitsandbytes; use "
@@ -204,7 +213,7 @@ def train_vlm(
     problems = lora_layout_problems(adapter, max_rank=None)
     if problems:
         raise FinetuneError(f"the trained adapter would not load in vLLM: {'; '.join(problems)}")
-    merged = merge_adapter(recipe, adapter) if recipe.merge else None
+    merged = merge_adapter(recipe, adapter, processor, device) if recipe.merge else None
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     serve_config = serve_snippet(recipe, adapter)
     card = write_run_card(
@@ -248,13 +257,13 @@ def load_datasets(recipe: VLMRecipe):
         raise TrainingDataError(f"nothing to train on in {recipe.data.train}: {report.summary()}")
     files = [Path(report.source)] + [root / p for c in conversations for p in c.images]
     if recipe.data.eval is not None:
-        held_out, eval_report, eval_root = read_conversations(recipe.data.eval)
+        held, eval_report, eval_root = read_conversations(recipe.data.eval)
         report.skipped += eval_report.skipped
-        evaluation = (held_out, eval_root)
-        files += [Path(eval_report.source)] + [eval_root / p for c in held_out for p in c.images]
+        evaluation = (held, eval_root)
+        files += [Path(eval_report.source)] + [eval_root / p for c in held for p in c.images]
     else:
-        conversations, held_out = split(conversations, recipe.data.eval_fraction, recipe.train.seed)
-        evaluation = (held_out, root)
+        conversations, held = split(conversations, recipe.data.eval_fraction, recipe.train.seed)
+        evaluation = (held, root)
     data_sha = file_digest(files)
     train_set = to_dataset(conversations, root)
     eval_set = to_dataset(*evaluation) if evaluation[0] else None
@@ -270,11 +279,9 @@ def split(
     for conversation in conversations:
         key = tuple(conversation.images) or (conversation.id,)
         groups.setdefault(key, []).append(conversation)
-    keys = list(groups)
-    if fraction == 0 or len(keys) < 2:
+    if fraction == 0 or len(groups) < 2:
         return conversations, []
-    random.Random(seed).shuffle(keys)
-    held = set(keys[: min(len(keys) - 1, max(1, round(fraction * len(keys))))])
+    held = set(held_out(list(groups), fraction, random.Random(seed)))
     return (
         [c for key in groups if key not in held for c in groups[key]],
         [c for key in groups if key in held for c in groups[key]],
@@ -458,12 +465,8 @@ class _ProgressCallback(TrainerCallback):
         self.on_progress = on_progress
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        numbers = {k: float(v) for k, v in (logs or {}).items() if _number(v)}
-        self.on_progress(state.global_step, state.max_steps, numbers)
-
-
-def _number(value: object) -> bool:
-    return isinstance(value, int | float) and math.isfinite(value)
+        if logs and "loss" in logs:  # training steps; evaluations log eval_loss instead
+            self.on_progress(state.global_step, state.max_steps, float(logs["loss"]))
 
 
 # -- checkpoints, outputs -----------------------------------------------------------------------
@@ -505,24 +508,23 @@ def _guard_checkpoints(folder: Path, fingerprint: str, resume: bool) -> Path | N
 
 def _name_base_model(adapter: Path, model: str) -> None:
     """Record the base model as the recipe named it (a hub id stays a hub id)."""
-    path = adapter / "adapter_config.json"
+    path = adapter / ADAPTER_CONFIG
     config = json.loads(path.read_text(encoding="utf-8"))
     config["base_model_name_or_path"] = model
     path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
 
-def merge_adapter(recipe: VLMRecipe, adapter: Path) -> Path:
+def merge_adapter(recipe: VLMRecipe, adapter: Path, processor, device: torch.device) -> Path:
     """The base model (reloaded unquantised) with the adapter folded in, for `vllm serve`."""
     from peft import PeftModel
     from transformers import AutoModelForImageTextToText
 
-    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    base = AutoModelForImageTextToText.from_pretrained(recipe.model, dtype=dtype)
+    base = AutoModelForImageTextToText.from_pretrained(recipe.model, dtype=_dtype(device))
     merged = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
     target = recipe.out / "merged"
     with atomic_directory(target) as building:
         merged.save_pretrained(building)
-        load_processor(recipe).save_pretrained(building)
+        processor.save_pretrained(building)
     return target
 
 
@@ -534,14 +536,14 @@ def serve_snippet(recipe: VLMRecipe, adapter: Path) -> str:
         f"adapter = {json.dumps(recipe.adapter_name)}",
         f"adapter_path = {json.dumps(str(adapter.resolve()))}",
     ]
-    if recipe.lora.r > 64:
+    if recipe.lora.r > DEFAULT_LORA_RANK_LIMIT:
         rank = next(r for r in VLLM_LORA_RANKS if r >= recipe.lora.r)
         lines += ["", "[vllm]", f"max_lora_rank = {rank}"]
     return "\n".join(lines) + "\n"
 
 
 # -- memory -------------------------------------------------------------------------------------
-def expected_memory(recipe: VLMRecipe, device: str | None = None) -> MemoryEstimate | None:
+def expected_memory(recipe: VLMRecipe) -> MemoryEstimate | None:
     """The estimate for the recipe's model, from its configuration alone (no weights read);
     ``None`` when the configuration is not available on this machine."""
     from transformers import AutoConfig
@@ -550,13 +552,13 @@ def expected_memory(recipe: VLMRecipe, device: str | None = None) -> MemoryEstim
         config = AutoConfig.from_pretrained(recipe.model)
     except (OSError, ValueError):
         return None
-    target = _device(device or recipe.train.device)
+    target = _device(recipe.train.device)
     return estimate_for_config(
         config,
         lora=recipe.lora,
         quantized=recipe.quantization == "4bit",
         batch_size=recipe.train.batch_size,
-        image_pixels=recipe.max_image_pixels or 1_003_520,
+        image_pixels=recipe.max_image_pixels or VLLMConfig.model_fields["max_image_pixels"].default,
         checkpointing=recipe.train.gradient_checkpointing,
         device=str(target),
     )

