@@ -34,7 +34,6 @@ from histopilot.finetune.recipe import (
     Recipe,
     RunResult,
     Strict,
-    file_digest,
     held_out,
     loss_summary,
     write_run_card,
@@ -42,6 +41,7 @@ from histopilot.finetune.recipe import (
 from histopilot.finetune.tables import ImageCells, table_rows
 from histopilot.retrieval.encoders.neural import open_clip_parts, resolve_device
 from histopilot.retrieval.search import load_query_image
+from histopilot.runcard import file_digest
 from histopilot.serve.lora import CONFIG_FILE as ADAPTER_CONFIG
 from histopilot.storage import atomic_directory
 

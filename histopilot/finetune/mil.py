@@ -33,12 +33,12 @@ from histopilot.finetune.recipe import (
     Recipe,
     RunResult,
     Strict,
-    file_digest,
     held_out,
     loss_summary,
     write_run_card,
 )
 from histopilot.finetune.tables import table_rows
+from histopilot.runcard import file_digest
 from histopilot.storage import atomic_directory
 
 

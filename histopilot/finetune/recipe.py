@@ -10,42 +10,27 @@ to the working folder, as anything typed in a shell is.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import platform
 import random
 import time
 from collections.abc import Callable, Iterable
-from importlib import metadata, resources
+from importlib import resources
 from pathlib import Path
 from typing import Any, ClassVar, Self, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from histopilot import __version__
 from histopilot.errors import ConfigError
+from histopilot.runcard import RUN_CARD, versions
 from histopilot.storage import atomic_file, check_new_output_folder
 
-RUN_CARD = "run.json"
 _RECIPES = resources.files("histopilot.finetune") / "recipes"
 T = TypeVar("T")
 #: What a recipe reports as it trains: (step or epoch, of how many, the latest loss).
 Progress = Callable[[int, int, float], None]
 #: Where a recipe says things before it starts (its memory estimate).
 Announce = Callable[[str], None]
-#: Libraries whose versions decide whether a run can be reproduced.
-_LIBRARIES = (
-    "torch",
-    "transformers",
-    "peft",
-    "trl",
-    "accelerate",
-    "datasets",
-    "open_clip_torch",
-    "diffusers",
-    "bitsandbytes",
-)
 
 
 class Strict(BaseModel):
@@ -178,28 +163,6 @@ def held_out(keys: list[T], fraction: float, rng: random.Random) -> list[T]:
     keys = list(keys)
     rng.shuffle(keys)
     return keys[: min(len(keys) - 1, max(1, round(fraction * len(keys))))]
-
-
-def file_digest(paths: Iterable[Path], digest: Any | None = None) -> str:
-    """SHA-256 over the bytes of ``paths``, each distinct file once in the order first given:
-    the run card's data hash."""
-    digest = digest or hashlib.sha256()
-    for path in dict.fromkeys(paths):
-        with path.open("rb") as handle:
-            while chunk := handle.read(1 << 20):
-                digest.update(chunk)
-    return digest.hexdigest()
-
-
-def versions() -> dict[str, str]:
-    """histopilot, Python and the installed training libraries, as the run card records them."""
-    found = {"histopilot": __version__, "python": platform.python_version()}
-    for name in _LIBRARIES:
-        try:
-            found[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            continue
-    return found
 
 
 def write_run_card(

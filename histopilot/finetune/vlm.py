@@ -44,12 +44,12 @@ from histopilot.finetune.recipe import (
     Recipe,
     RunResult,
     Strict,
-    file_digest,
     held_out,
     loss_summary,
     write_run_card,
 )
 from histopilot.retrieval.encoders.neural import resolve_device
+from histopilot.runcard import file_digest
 from histopilot.serve.lora import CONFIG_FILE as ADAPTER_CONFIG
 from histopilot.serve.lora import VISION_MODULES, lora_layout_problems
 from histopilot.storage import atomic_directory
