@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 
 from histopilot.cli import app
 from histopilot.errors import ConfigError, DiffusionError
+from histopilot.evals.metrics.image import psnr
 from histopilot.finetune.diffusion import DiffusionRecipe, load_tiles, train_diffusion
 from histopilot.tools.diffusion import (
     TileClassifier,
@@ -25,7 +26,6 @@ from histopilot.tools.diffusion import (
     reconstruct,
     transfer_stain,
 )
-from histopilot.tools.diffusion.closeness import psnr
 from histopilot.tools.image_tools import image_tools
 
 runner = CliRunner()

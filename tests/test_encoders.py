@@ -11,9 +11,9 @@ import pytest
 from PIL import Image
 
 from histopilot.errors import EncoderError, ImageInputError
+from histopilot.evals.metrics.retrieval import leave_one_out_knn
 from histopilot.retrieval.encoders import OfflineEncoder, available_encoders, load_encoder
 from histopilot.retrieval.encoders.offline import REFERENCE_FILE, fit_reference
-from histopilot.retrieval.quality import leave_one_out_knn
 from histopilot.slide import open_slide
 from histopilot.slide.tiling import iter_tiles, tile_grid
 from tests.tiny_encoders import save_tiny_hf_clip, save_tiny_open_clip, save_tiny_timm

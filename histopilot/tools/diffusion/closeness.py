@@ -1,32 +1,19 @@
-"""How close a generated tile stays to its source: SSIM, L1, LPIPS, a difference heatmap."""
+"""How close a generated tile stays to its source, in pathology's terms: whether nuclei
+stayed put (SSIM of the hematoxylin channel) and where it changed (a difference heatmap).
+
+The general image metrics (SSIM, PSNR, MAE, LPIPS, ...) live in
+:mod:`histopilot.evals.metrics.image`; this module adds what needs stain separation or
+drawing.
+"""
 
 from __future__ import annotations
-
-import functools
-from pathlib import Path
 
 import cv2
 import numpy as np
 import torch
-from torchmetrics.functional.image import structural_similarity_index_measure
 
+from histopilot.evals.metrics.image import ssim_of_unit
 from histopilot.tools.stain.optical import separate_stains
-
-# LPIPS needs ImageNet AlexNet weights; they are used only when already in the torch hub cache.
-ALEXNET_WEIGHTS = "alexnet-owt-7be5be79.pth"
-
-
-def _unit(images: np.ndarray) -> torch.Tensor:
-    return torch.as_tensor(images).permute(0, 3, 1, 2).float() / 255.0
-
-
-def ssim(first: np.ndarray, second: np.ndarray) -> list[float]:
-    """SSIM per image pair of uint8 RGB (B, H, W, 3), on [0, 1] pixels."""
-    kernel = min(11, first.shape[1] // 2 * 2 - 1, first.shape[2] // 2 * 2 - 1)
-    values = structural_similarity_index_measure(
-        _unit(first), _unit(second), data_range=1.0, kernel_size=kernel, reduction="none"
-    )
-    return [float(value) for value in values]
 
 
 def hematoxylin_ssim(first: np.ndarray, second: np.ndarray) -> list[float]:
@@ -38,43 +25,7 @@ def hematoxylin_ssim(first: np.ndarray, second: np.ndarray) -> list[float]:
     amounts = [separate_stains(images)[..., :1].permute(0, 3, 1, 2) for images in (first, second)]
     top = torch.maximum(amounts[0].amax((1, 2, 3)), amounts[1].amax((1, 2, 3))).clamp_min(1e-6)
     top = top[:, None, None, None]
-    kernel = min(11, first.shape[1] // 2 * 2 - 1)
-    values = structural_similarity_index_measure(
-        amounts[0] / top, amounts[1] / top, data_range=1.0, kernel_size=kernel, reduction="none"
-    )
-    return [float(value) for value in values]
-
-
-def l1(first: np.ndarray, second: np.ndarray) -> list[float]:
-    """Mean absolute difference per image pair, on [0, 1] pixels."""
-    return (_unit(first) - _unit(second)).abs().mean((1, 2, 3)).tolist()
-
-
-def psnr(first: np.ndarray, second: np.ndarray) -> list[float]:
-    """Peak signal-to-noise ratio in dB per image pair (uint8 range)."""
-    error = ((_unit(first) - _unit(second)) ** 2).mean((1, 2, 3)).clamp_min(1e-10)
-    return (10 * torch.log10(1.0 / error)).tolist()
-
-
-def lpips(first: np.ndarray, second: np.ndarray) -> list[float] | None:
-    """LPIPS (AlexNet) per pair, or None when its weights are not available locally."""
-    metric = _lpips_metric()
-    if metric is None:
-        return None
-    with torch.no_grad():
-        return [
-            float(metric(a * 2 - 1, b * 2 - 1))
-            for a, b in zip(_unit(first)[:, None], _unit(second)[:, None], strict=True)
-        ]
-
-
-@functools.cache
-def _lpips_metric():
-    if not (Path(torch.hub.get_dir()) / "checkpoints" / ALEXNET_WEIGHTS).is_file():
-        return None
-    from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
-
-    return LearnedPerceptualImagePatchSimilarity(net_type="alex").eval()
+    return ssim_of_unit(amounts[0] / top, amounts[1] / top)
 
 
 def difference_heatmap(first: np.ndarray, second: np.ndarray) -> np.ndarray:

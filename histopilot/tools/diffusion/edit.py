@@ -20,14 +20,9 @@ import numpy as np
 import torch
 
 from histopilot.errors import DiffusionError
+from histopilot.evals.metrics.image import lpips, mae, ssim
 from histopilot.tools.diffusion.classifier import TileClassifier
-from histopilot.tools.diffusion.closeness import (
-    difference_heatmap,
-    hematoxylin_ssim,
-    l1,
-    lpips,
-    ssim,
-)
+from histopilot.tools.diffusion.closeness import difference_heatmap, hematoxylin_ssim
 from histopilot.tools.diffusion.model import TileDiffusion, to_uint8
 from histopilot.tools.diffusion.sampling import add_noise, generate, invert, timesteps
 from histopilot.tools.images import side_by_side
@@ -195,7 +190,7 @@ def counterfactuals(
     judged = _oracle(oracle, pixels, decoded)
     similarity, distance, perceptual = (
         ssim(images, result),
-        l1(images, result),
+        mae(images, result),
         lpips(images, result),
     )
     return [
