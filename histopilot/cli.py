@@ -11,7 +11,6 @@ import json
 import os
 import sys
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, ParamSpec, TypeVar
 
@@ -57,6 +56,11 @@ finetune_app = typer.Typer(help="Training recipes.")
 app.add_typer(finetune_app, name="finetune", no_args_is_help=True)
 report_app = typer.Typer(help="Synoptic reports: render as Markdown, HTML, JSON or FHIR; schemas.")
 app.add_typer(report_app, name="report", no_args_is_help=True)
+eval_app = typer.Typer(
+    help="Quality evaluations: every capability scored on a labelled set, with tables, plots "
+    "and a run card."
+)
+app.add_typer(eval_app, name="eval", no_args_is_help=True)
 
 stderr = Console(stderr=True)
 P = ParamSpec("P")
@@ -1558,9 +1562,6 @@ def kb_query(
 
 # --- extraction ---------------------------------------------------------------------------------
 
-eval_app = typer.Typer(help="Quality evaluations against gold data.")
-app.add_typer(eval_app, name="eval", no_args_is_help=True)
-
 ExtractBackend = Annotated[
     str,
     typer.Option(
@@ -1581,7 +1582,6 @@ def _extractor(
 ):
     """text → (schema, fields, warnings) for the chosen backend."""
     from histopilot.tools.extract import SCHEMA_CHOICES, extract_fields
-    from histopilot.tools.report.schemas import SCHEMA_ALIASES
 
     if schema not in SCHEMA_CHOICES and schema not in SCHEMA_ALIASES:
         raise HistopilotError(
@@ -1590,17 +1590,19 @@ def _extractor(
         )
     if backend == "offline":
         return lambda text: extract_fields(text, schema)
-    if backend not in ("openai", "transformers"):
-        raise HistopilotError(f"--backend must be offline, openai or transformers, not {backend!r}")
     from histopilot.serve.factory import chat_model
 
-    config = load_config(config_path, profile=profile)
-    role = config.roles["extractor"].model_copy(update={"backend": backend})
-    config = config.model_copy(
-        update={"roles": config.roles.model_copy(update={"extractor": role})}
-    )
+    config = _with_backend(load_config(config_path, profile=profile), "extractor", backend)
     model = chat_model("extractor", config)
     return lambda text: extract_fields(text, schema, model=model, combined=combine)
+
+
+def _with_backend(config: HistopilotConfig, role: str, backend: str) -> HistopilotConfig:
+    """``config`` with ``role`` on ``backend`` (its model settings kept)."""
+    if backend not in ("offline", "openai", "transformers"):
+        raise HistopilotError(f"--backend must be offline, openai or transformers, not {backend!r}")
+    settings = config.roles[role].model_copy(update={"backend": backend})
+    return config.model_copy(update={"roles": config.roles.model_copy(update={role: settings})})
 
 
 @app.command("extract")
@@ -1660,52 +1662,436 @@ def extract(
         raise typer.Exit(1)  # nothing could be extracted: say so to scripts too
 
 
+# -- evaluations ---------------------------------------------------------------------------------
+EvalOut = Annotated[
+    Path | None,
+    typer.Option(
+        "--out", help="Folder for scores.json, report.md, items.jsonl, the plots and run.json."
+    ),
+]
+EvalColumns = Annotated[
+    list[str] | None,
+    typer.Option("--column", help="NAME=COLUMN: read NAME from another column (repeatable)."),
+]
+Meteor = Annotated[
+    bool, typer.Option("--meteor/--no-meteor", help="METEOR (needs Java; skipped without it).")
+]
+KList = Annotated[str, typer.Option("--k", help="Ranks to score, comma-separated.")]
+
+
+def _report_evaluation(evaluation, out: Path | None, as_json: bool) -> None:
+    """Write the evaluation's folder when asked; print JSON or the Markdown tables."""
+    from histopilot.evals.outputs import write_evaluation
+
+    if out is not None:
+        write_evaluation(evaluation, out)
+        stderr.print(f"scores, tables, plots and run card → {out}/", highlight=False)
+    if as_json:
+        _print_json(evaluation.summary())
+    else:
+        typer.echo(evaluation.markdown())
+
+
+def _check_eval_out(out: Path | None) -> None:
+    from histopilot.evals.outputs import check_output_folder
+
+    if out is not None:
+        check_output_folder(out)
+
+
+def _integers(text: str, option: str) -> list[int]:
+    try:
+        values = sorted({int(part) for part in text.split(",") if part.strip()})
+    except ValueError:
+        values = []
+    if not values or values[0] < 1:
+        raise HistopilotError(f"{option} takes positive integers separated by commas, not {text!r}")
+    return values
+
+
 @eval_app.command("extraction")
 @reports_user_errors
 def eval_extraction(
     data: Annotated[Path, typer.Option("--data", help="Gold JSON lines: report_id, text, gold.")],
     backend: ExtractBackend = "offline",
     schema: SchemaOption = "auto",
-    out: Annotated[
-        Path | None, typer.Option("--out", help="Also write the scores as JSON.")
-    ] = None,
+    out: EvalOut = None,
     concurrency: Concurrency = 8,
     config: ConfigPath = None,
     profile: Profile = None,
     as_json: AsJson = False,
 ) -> None:
     """Per-field accuracy of an extractor against gold fields (overall and where stated)."""
-    from histopilot.evals.extraction import confusion_table, markdown_table, read_gold, score
+    _check_eval_out(out)
+    from histopilot.evals.card import role_record
+    from histopilot.evals.extraction import evaluate_extraction, read_gold
 
-    records = read_gold(data)
     extractor = _extractor(backend, schema, config, profile, combine=True)
-    predictions = {}
+    models = [
+        role_record(
+            _with_backend(load_config(config, profile=profile), "extractor", backend), "extractor"
+        )
+    ]
+    with _progress() as progress:
+        task = progress.add_task("extracting", total=len(read_gold(data)))
+        evaluation = evaluate_extraction(
+            data,
+            extractor,
+            models=models,
+            options={"backend": backend, "schema": schema},
+            workers=concurrency if backend != "offline" else 1,
+            on_done=lambda: progress.advance(task),
+        )
+    _report_evaluation(evaluation, out, as_json)
 
-    def extracted(record):
+
+@eval_app.command("report-generation")
+@reports_user_errors
+def eval_report_generation(
+    data: Annotated[
+        Path,
+        typer.Option("--data", help="Table (CSV, JSONL, Parquet) with generated and reference."),
+    ],
+    backend: ExtractBackend = "offline",
+    schema: SchemaOption = "auto",
+    columns: EvalColumns = None,
+    meteor: Meteor = True,
+    out: EvalOut = None,
+    concurrency: Concurrency = 8,
+    config: ConfigPath = None,
+    profile: Profile = None,
+    as_json: AsJson = False,
+) -> None:
+    """Generated reports against references: BLEU, ROUGE-L, METEOR, CIDEr and synoptic field
+    agreement (both read by the same extractor)."""
+    _check_eval_out(out)
+    from histopilot.evals.card import role_record
+    from histopilot.evals.report_generation import COLUMNS, evaluate_report_generation
+    from histopilot.evals.tables import parse_columns
+
+    renamed = parse_columns(columns or [], ("id", *COLUMNS))
+    extractor = _extractor(backend, schema, config, profile, combine=True)
+    settings = _with_backend(load_config(config, profile=profile), "extractor", backend)
+    with _progress() as progress:
+        task = progress.add_task("reading reports", total=None)
+        evaluation = evaluate_report_generation(
+            data,
+            extractor,
+            models=[role_record(settings, "extractor")],
+            options={"backend": backend, "schema": schema, "columns": renamed, "meteor": meteor},
+            columns=renamed,
+            workers=concurrency if backend != "offline" else 1,
+            meteor=meteor,
+            on_done=lambda: progress.advance(task),
+        )
+    _report_evaluation(evaluation, out, as_json)
+
+
+@eval_app.command("vqa")
+@reports_user_errors
+def eval_vqa(
+    data: Annotated[
+        Path,
+        typer.Option(
+            "--data", help="Table (CSV, JSONL, Parquet) of image, question, answer [, choices]."
+        ),
+    ],
+    reference: Annotated[
+        Path | None,
+        typer.Option(
+            "--reference",
+            help="Offline: a labelled patch index; questions are answered from its nearest "
+            "patches (a tissue-class baseline, not a describer).",
+        ),
+    ] = None,
+    backend: Annotated[
+        str,
+        typer.Option("--backend", help="offline | openai | transformers (the describer's model)."),
+    ] = "offline",
+    columns: EvalColumns = None,
+    meteor: Meteor = True,
+    out: EvalOut = None,
+    config: ConfigPath = None,
+    profile: Profile = None,
+    as_json: AsJson = False,
+) -> None:
+    """Visual question answering: exact match for closed questions, token F1 and text metrics
+    for open ones. Questions about whole slides go to the chat agent."""
+    _check_eval_out(out)
+    import tempfile
+
+    from histopilot.agents.context import AgentContext
+    from histopilot.evals.card import ModelRecord, encoder_record, role_record
+    from histopilot.evals.tables import parse_columns
+    from histopilot.evals.vqa import (
+        COLUMNS,
+        OPTIONAL,
+        ModelAnswerer,
+        ReferenceAnswerer,
+        SlideChatAnswerer,
+        evaluate_vqa,
+    )
+
+    renamed = parse_columns(columns or [], ("id", *COLUMNS, *OPTIONAL))
+    configured = load_config(config, profile=profile)
+    settings = _with_backend(configured, "describer", backend)
+    if backend != "offline":
+        from histopilot.serve.factory import chat_model
+
+        answerer = ModelAnswerer(chat_model("describer", settings))
+        models = [role_record(settings, "describer")]
+    elif reference is not None:
+        from histopilot.retrieval.encoders import load_encoder
+        from histopilot.retrieval.reference import ReferenceBank
+
+        bank = ReferenceBank.open(reference)
+        answerer = ReferenceAnswerer(bank, load_encoder(bank.encoder))
+        models = [
+            ModelRecord(role="describer", backend="offline", model=f"reference bank {reference}"),
+            encoder_record(bank.encoder),
+        ]
+    else:
+        raise HistopilotError(
+            "the offline describer does not answer questions: pass --reference INDEX (a labelled "
+            "patch index, for the nearest-patch baseline) or --backend openai|transformers with "
+            "the describer's model in histopilot.toml (or --profile gpu)"
+        )
+    slides = SlideChatAnswerer(lambda: AgentContext.from_config(configured))
+    chat = configured.roles.orchestrator.backend != "offline"
+    if chat:
+        models.append(role_record(configured, "orchestrator"))
+    options = {"backend": backend, "reference": reference, "columns": renamed}
+    with tempfile.TemporaryDirectory(prefix="histopilot-vqa-") as scratch, _progress() as progress:
+        task = progress.add_task("answering", total=None)
         try:
-            return record, extractor(record.text)[1]
-        except HistopilotError as error:
-            return record, error
+            evaluation = evaluate_vqa(
+                data,
+                answerer,
+                slides=slides if chat else None,
+                images=Path(scratch),
+                models=models,
+                options=options,
+                columns=renamed,
+                meteor=meteor,
+                on_done=lambda: progress.advance(task),
+            )
+        finally:
+            slides.close()
+    _report_evaluation(evaluation, out, as_json)
 
-    workers = concurrency if backend != "offline" else 1
-    with _progress() as progress, ThreadPoolExecutor(max_workers=workers) as pool:
-        task = progress.add_task("extracting", total=len(records))
-        for record, result in pool.map(extracted, records):
-            if isinstance(result, HistopilotError):
-                stderr.print(f"skipped {escape(record.report_id)}: {escape(str(result))}")
-            else:
-                predictions[record.report_id] = result
-            progress.advance(task)
-    scores = score(records, predictions)
-    if out is not None:
-        _write_text(out, json.dumps(scores.model_dump(mode="json"), indent=2))
-    if as_json:
-        _print_json(scores)
-        return
-    typer.echo(markdown_table(scores))
-    for axis in scores.confusion:
-        typer.echo(f"\n{axis} confusion (rows gold, columns predicted):")
-        typer.echo(confusion_table(scores, axis))
+
+@eval_app.command("retrieval")
+@reports_user_errors
+def eval_retrieval(
+    index: Annotated[
+        Path | None, typer.Option("--index", help="A patch index with labelled patches.")
+    ] = None,
+    images: Annotated[
+        Path | None,
+        typer.Option("--images", help="Or a folder of labelled patch images (indexed for you)."),
+    ] = None,
+    labels: Annotated[
+        Path | None, typer.Option("--labels", help="CSV of file,label for --images.")
+    ] = None,
+    level: Annotated[
+        str, typer.Option("--level", help="patch, or slide (each slide queries with its mosaic).")
+    ] = "patch",
+    k: KList = "1,3,5",
+    encoder: EncoderName = None,
+    out: EvalOut = None,
+    config: ConfigPath = None,
+    as_json: AsJson = False,
+) -> None:
+    """Leave-one-out search quality on a labelled set: acc@k, MV@k (k-NN accuracy), mMV@k."""
+    _check_eval_out(out)
+    from histopilot.evals.card import encoder_record
+    from histopilot.evals.retrieval import evaluate_image_folder, evaluate_index
+    from histopilot.retrieval.patch_index import PatchIndex
+
+    ranks = _integers(k, "--k")
+    if (index is None) == (images is None):
+        raise HistopilotError("give one of --index INDEX or --images FOLDER")
+    if level not in ("patch", "slide"):
+        raise HistopilotError(f"--level must be patch or slide, not {level!r}")
+    options = {"index": index, "images": images, "labels": labels, "level": level, "k": ranks}
+    if images is not None:
+        if level != "patch":
+            raise HistopilotError("--images holds patches: use --level patch, or --index")
+        patch_encoder = _patch_encoder(encoder, None, config)
+        evaluation = evaluate_image_folder(
+            images,
+            labels,
+            patch_encoder,
+            k=ranks,
+            models=[encoder_record(patch_encoder.name)],
+            options=options,
+        )
+    else:
+        opened = PatchIndex.open(index)
+        evaluation = evaluate_index(
+            opened,
+            level=level,
+            k=ranks,
+            models=[encoder_record(opened.encoder)],
+            options=options,
+        )
+    _report_evaluation(evaluation, out, as_json)
+
+
+@eval_app.command("generation")
+@reports_user_errors
+def eval_generation(
+    manifest: Annotated[
+        Path,
+        typer.Argument(
+            help="stain.csv, transfer.json or counterfactuals.json from the tools, or any table "
+            "with source and output columns."
+        ),
+    ],
+    reference: Annotated[
+        Path | None,
+        typer.Option(
+            "--reference",
+            help="Folder of real labelled tiles: the target for FID/KID and the independent "
+            "classifier's examples.",
+        ),
+    ] = None,
+    labels: Annotated[
+        Path | None, typer.Option("--labels", help="CSV of file,label for --reference.")
+    ] = None,
+    target: Annotated[
+        str | None,
+        typer.Option("--target", help="The target class: FID against its tiles, flip rate to it."),
+    ] = None,
+    features: Annotated[
+        str,
+        typer.Option(
+            "--features",
+            help="FID features: auto (Inception when available locally), inception, or patch.",
+        ),
+    ] = "auto",
+    encoder: EncoderName = None,
+    neighbours: Annotated[
+        int, typer.Option("--neighbours", min=1, help="k of the independent k-NN classifier.")
+    ] = 5,
+    columns: EvalColumns = None,
+    out: EvalOut = None,
+    config: ConfigPath = None,
+    as_json: AsJson = False,
+) -> None:
+    """Stain transfer and counterfactuals: closeness to the source, FID/KID to the target,
+    flip rate by an independent classifier."""
+    _check_eval_out(out)
+    from histopilot.evals.card import ModelRecord, encoder_record
+    from histopilot.evals.generation import evaluate_generation, feature_encoder
+    from histopilot.evals.tables import parse_columns
+    from histopilot.retrieval.reference import read_labels
+
+    if features not in ("auto", "inception", "patch"):
+        raise HistopilotError(f"--features must be auto, inception or patch, not {features!r}")
+    renamed = parse_columns(columns or [], ("id", "source", "output", "flag"))
+    labelled = read_labels(reference, labels) if reference is not None else None
+    if target is not None and labelled is not None:
+        known = sorted({image.label for image in labelled})
+        if target not in known:
+            raise HistopilotError(f"--target {target!r} is not a label of {reference} ({known})")
+    extractor = feature_encoder(features, lambda: _patch_encoder(encoder, None, config))
+    evaluation = evaluate_generation(
+        manifest,
+        extractor,
+        reference=labelled,
+        target=target,
+        models=[
+            ModelRecord(role="FID/KID features", backend="encoder", model=extractor.name),
+            encoder_record(extractor.name, role="independent k-NN classifier"),
+        ]
+        if labelled
+        else [],
+        options={
+            "reference": reference,
+            "labels": labels,
+            "target": target,
+            "features": features,
+            "neighbours": neighbours,
+            "columns": renamed,
+        },
+        columns=renamed,
+        neighbours=neighbours,
+    )
+    _report_evaluation(evaluation, out, as_json)
+
+
+@eval_app.command("agent")
+@reports_user_errors
+def eval_agent(
+    slides: Annotated[
+        Path, typer.Option("--slides", help="CSV of slide,label[,mpp]; paths relative to it.")
+    ],
+    budgets: Annotated[
+        str | None,
+        typer.Option(
+            "--budgets",
+            help="Region budgets to sweep, comma-separated (default: the configured budget).",
+        ),
+    ] = None,
+    mapping: Annotated[
+        list[str] | None,
+        typer.Option("--map", help="DIAGNOSIS=LABEL: count a diagnosis label as a set label."),
+    ] = None,
+    trajectories: Trajectories = None,
+    seed: Seed = None,
+    reference: ReferenceBank = None,
+    knowledge: Knowledge = None,
+    out: EvalOut = None,
+    config: ConfigPath = None,
+    profile: Profile = None,
+    as_json: AsJson = False,
+) -> None:
+    """Labelled slides through `analyze`: accuracy, balanced accuracy, regions examined, wall
+    time, and accuracy against regions examined."""
+    _check_eval_out(out)
+    from histopilot.agents.context import AgentContext
+    from histopilot.evals.agent import evaluate_agent
+    from histopilot.evals.card import encoder_record, role_record
+
+    pairs = {}
+    for item in mapping or []:
+        said, sep, label = item.partition("=")
+        if not sep or not said or not label:
+            raise HistopilotError(f"--map {item!r}: write DIAGNOSIS_LABEL=SET_LABEL")
+        pairs[said] = label
+    settings = load_config(config, profile=profile)
+    overrides = {
+        "trajectories": trajectories,
+        "seed": seed,
+        **_resource_overrides(reference, knowledge),
+    }
+    context = AgentContext.from_config(settings, **overrides)
+    sweep = _integers(budgets, "--budgets") if budgets else [context.settings.budget]
+    try:
+        evaluation = evaluate_agent(
+            slides,
+            context,
+            budgets=sweep,
+            mapping=pairs,
+            models=[
+                *(
+                    role_record(settings, role)
+                    for role in ("orchestrator", "describer", "diagnoser", "reporter")
+                ),
+                encoder_record(settings.encoders.patch),
+            ],
+            options={
+                "budgets": sweep,
+                "map": pairs,
+                **overrides,
+                "settings": context.settings.model_dump(),
+            },
+            on_done=lambda line: stderr.print(f"[dim]{escape(line)}[/]", highlight=False),
+        )
+    finally:
+        context.close()
+    _report_evaluation(evaluation, out, as_json)
 
 
 # -- reports --------------------------------------------------------------------------------

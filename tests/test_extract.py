@@ -335,4 +335,4 @@ def test_evaluation_on_real_tcga_reports(test_data: Path, tmp_path: Path):
     sample.write_text("\n".join(gold.read_text().splitlines()[:40]))
     result = CliRunner().invoke(app, ["eval", "extraction", "--data", str(sample), "--json"])
     assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout)["records"] == 40
+    assert json.loads(result.stdout)["scores"]["records"] == 40

@@ -13,6 +13,9 @@ extractor's own patterns (a pT-like token for T, a receptor name followed by a r
 ER …). A record whose text states the field but which the extractor misses or misreads counts
 against it; records whose gold disagrees with what the text states stay in, so part of every
 shortfall is the gold's and not the extractor's.
+
+The same field comparisons score one report against another (:func:`field_agreement`), which
+is how ``eval report-generation`` judges a generated report's content rather than its wording.
 """
 
 from __future__ import annotations
@@ -20,16 +23,21 @@ from __future__ import annotations
 import re
 from collections import Counter
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, Field, ValidationError
 
-from histopilot.errors import ReportInputError
+from histopilot.errors import HistopilotError, ReportInputError
+from histopilot.evals.card import ModelRecord, Stopwatch, run_card
+from histopilot.evals.outputs import Evaluation, Figure, Series, Table
 from histopilot.tools.report.schemas import category_group
 
 Fields = dict[str, dict[str, Any]]
+#: Report text → (schema name, fields, warnings), as ``extract_fields`` returns them.
+Extractor = Callable[[str], tuple[str, Fields, list[str]]]
 
 
 class GoldRecord(BaseModel):
@@ -334,37 +342,202 @@ def score(records: Iterable[GoldRecord], predictions: dict[str, Fields]) -> Extr
     )
 
 
-def markdown_table(scores: ExtractionScores) -> str:
-    """The per-field table, as it goes into docs/evaluation.md."""
-    lines = [
-        "| field | with gold | accuracy (all) | coverage | stated | accuracy (stated) "
-        "| gold never written |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
-    ]
-    for s in scores.fields:
-        stated = f"{s.accuracy_stated:.3f}" if s.accuracy_stated is not None else "–"
-        unwritten = "–" if s.gold_not_written is None else str(s.gold_not_written)
-        lines.append(
-            f"| {s.field} | {s.with_gold} | {s.accuracy_all:.3f} | {s.coverage:.3f} "
-            f"| {s.stated} | {stated} | {unwritten} |"
-        )
-    lines.append(
-        f"| **macro** | | **{scores.macro_accuracy_all:.3f}** | | "
-        f"| **{scores.macro_accuracy_stated:.3f}** | |"
+def extraction_tables(scores: ExtractionScores) -> list[Table]:
+    """The per-field table as it goes into docs/evaluation.md, then the T and N confusions."""
+    fields = Table(
+        title="Per-field accuracy",
+        header=[
+            "field",
+            "with gold",
+            "accuracy (all)",
+            "coverage",
+            "stated",
+            "accuracy (stated)",
+            "gold never written",
+        ],
+        rows=[
+            [
+                s.field,
+                s.with_gold,
+                s.accuracy_all,
+                s.coverage,
+                s.stated,
+                s.accuracy_stated,
+                s.gold_not_written,
+            ]
+            for s in scores.fields
+        ]
+        + [
+            [
+                "**macro**",
+                None,
+                scores.macro_accuracy_all,
+                None,
+                None,
+                scores.macro_accuracy_stated,
+                None,
+            ]
+        ],
     )
-    return "\n".join(lines)
+    return [fields, *(_confusion(scores, axis) for axis in scores.confusion)]
 
 
-def confusion_table(scores: ExtractionScores, axis: str) -> str:
-    """The T or N confusion (gold rows, predicted columns) as a Markdown table."""
+def _confusion(scores: ExtractionScores, axis: str) -> Table:
+    """The T or N confusion: gold rows, predicted columns, 'none' for an empty answer."""
     table = scores.confusion[axis]
     columns = [*sorted({c for row in table.values() for c in row} - {"none"}), "none"]
-    lines = [
-        f"| gold {axis} | " + " | ".join(columns) + " |",
-        "| --- |" + " ---: |" * len(columns),
+    return Table(
+        title=f"{axis} confusion (rows gold, columns predicted)",
+        header=[f"gold {axis}", *columns],
+        rows=[[gold, *(row.get(c, 0) for c in columns)] for gold, row in table.items()],
+    )
+
+
+def extraction_figure(scores: ExtractionScores) -> Figure:
+    return Figure(
+        name="fields",
+        kind="bar",
+        title="Extraction accuracy per field",
+        x_label="field",
+        y_label="accuracy",
+        y_range=(0.0, 1.0),
+        series=[
+            Series(
+                name="all records with gold",
+                x=[s.field for s in scores.fields],
+                y=[s.accuracy_all for s in scores.fields],
+            ),
+            Series(
+                name="records that state the field",
+                x=[s.field for s in scores.fields],
+                y=[s.accuracy_stated for s in scores.fields],
+            ),
+        ],
+    )
+
+
+class FieldAgreement(BaseModel):
+    """How far one report's synoptic fields agree with another's, field by field."""
+
+    field: str
+    in_reference: int = Field(description="Pairs whose reference states the field")
+    agree: int = Field(description="…of which the generated report gives the same value")
+    missing: int = Field(description="…of which the generated report gives no value")
+    unsupported: int = Field(
+        description="Pairs whose generated report states a value the reference does not"
+    )
+    agreement: float | None
+
+
+def field_agreement(pairs: Iterable[tuple[Fields, Fields]]) -> list[FieldAgreement]:
+    """Agreement of (reference fields, generated fields) pairs, both read by one extractor.
+
+    This is the clinically aware half of report scoring: a fluent report with the wrong T
+    category scores high on BLEU and low here. Values are compared after the same
+    normalisation as the gold comparison (groups, case, G codes).
+    """
+    tallies = {check.name: Counter() for check in CHECKS}
+    for reference, generated in pairs:
+        for check in CHECKS:
+            expected, given = check.predicted(reference), check.predicted(generated)
+            tally = tallies[check.name]
+            if expected is None:
+                tally.update(unsupported=given is not None)
+                continue
+            tally.update(
+                in_reference=1,
+                agree=given is not None and check.same(given, expected),
+                missing=given is None,
+            )
+    return [
+        FieldAgreement(
+            field=name,
+            in_reference=t["in_reference"],
+            agree=t["agree"],
+            missing=t["missing"],
+            unsupported=t["unsupported"],
+            agreement=t["agree"] / t["in_reference"] if t["in_reference"] else None,
+        )
+        for name, t in tallies.items()
+        if t["in_reference"] or t["unsupported"]
     ]
-    lines += [
-        f"| {gold} | " + " | ".join(str(row.get(c, 0)) for c in columns) + " |"
-        for gold, row in table.items()
-    ]
-    return "\n".join(lines)
+
+
+def extract_texts(
+    texts: dict[str, str],
+    extractor: Extractor,
+    *,
+    workers: int = 1,
+    on_done: Callable[[], None] | None = None,
+) -> tuple[dict[str, Fields], dict[str, str]]:
+    """The fields of each text by id, and why each text that could not be read failed;
+    ``workers`` requests in flight at once (for model servers; rules need one)."""
+
+    def extracted(item: tuple[str, str]) -> tuple[str, Fields | HistopilotError]:
+        try:
+            return item[0], extractor(item[1])[1]
+        except HistopilotError as error:
+            return item[0], error
+
+    fields, failures = {}, {}
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for key, result in pool.map(extracted, texts.items()):
+            if isinstance(result, HistopilotError):
+                failures[key] = str(result)
+            else:
+                fields[key] = result
+            if on_done:
+                on_done()
+    return fields, failures
+
+
+def evaluate_extraction(
+    data: Path,
+    extractor: Extractor,
+    *,
+    models: list[ModelRecord],
+    options: dict[str, Any],
+    workers: int = 1,
+    on_done: Callable[[], None] | None = None,
+) -> Evaluation:
+    """Per-field accuracy of ``extractor`` on the gold records of ``data``."""
+    clock = Stopwatch()
+    records = read_gold(data)
+    predictions, failures = extract_texts(
+        {record.report_id: record.text for record in records},
+        extractor,
+        workers=workers,
+        on_done=on_done,
+    )
+    scores = score(records, predictions)
+    return Evaluation(
+        task="extraction",
+        scores=scores.model_dump(mode="json"),
+        notes=[
+            "accuracy (all): correct / records with a gold value; accuracy (stated): the same "
+            "over records whose text states the field",
+            *(f"{key} could not be read: {reason}" for key, reason in failures.items()),
+        ],
+        tables=extraction_tables(scores),
+        figures=[extraction_figure(scores)],
+        items=[
+            {
+                "report_id": record.report_id,
+                "project": record.tcga_project,
+                "error": failures.get(record.report_id),
+                "fields": {
+                    name: field.get("value")
+                    for name, field in predictions.get(record.report_id, {}).items()
+                },
+            }
+            for record in records
+        ],
+        card=run_card(
+            "extraction",
+            clock,
+            data=[data],
+            records=len(records),
+            options=options,
+            models=models,
+        ),
+    )

@@ -231,6 +231,15 @@ class PatchIndex:
                 "WHERE label IS NOT NULL GROUP BY label ORDER BY label"
             ).fetchall()
 
+    def labelled_patches(self) -> list[tuple[int, str, str, int, int]]:
+        """(id, slide id, label, x, y) of every labelled patch, by slide then id: what a
+        retrieval evaluation queries with."""
+        with self._db() as db:
+            return db.execute(
+                "SELECT id, slide_id, label, x, y FROM patches WHERE label IS NOT NULL "
+                "ORDER BY slide_id, id"
+            ).fetchall()
+
     def require_entries(self) -> None:
         """Refuse to search an empty index (before any costly query embedding)."""
         if self.manifest.count == 0:

@@ -102,7 +102,7 @@ def add_labelled_images(
     for start in range(0, len(images), batch_size):
         chunk = images[start : start + batch_size]
         pixels = [
-            _at_encoder_scale(load_query_image(item.path), item.mpp or mpp, encoder)
+            at_encoder_scale(load_query_image(item.path), item.mpp or mpp, encoder)
             for item in chunk
         ]
         vectors = encoder.encode_images(pixels, batch_size=batch_size)
@@ -129,7 +129,8 @@ def add_labelled_images(
     return added
 
 
-def _at_encoder_scale(image: np.ndarray, mpp: float | None, encoder: PatchEncoder) -> np.ndarray:
+def at_encoder_scale(image: np.ndarray, mpp: float | None, encoder: PatchEncoder) -> np.ndarray:
+    """``image`` resampled from ``mpp`` µm/px to the encoder's (as is when unknown)."""
     if mpp is None or abs(mpp / encoder.mpp - 1) < 0.02:
         return image
     scale = mpp / encoder.mpp

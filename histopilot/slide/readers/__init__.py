@@ -24,7 +24,13 @@ from histopilot.slide.readers.openslide_reader import OpenSlideReader
 from histopilot.slide.readers.pillow_reader import MAX_IMAGE_PIXELS, PillowReader
 from histopilot.slide.readers.tiff_reader import TiffReader
 
-__all__ = ["SUPPORTED_EXTENSIONS", "ReaderMetadata", "SlideReader", "open_reader"]
+__all__ = [
+    "SUPPORTED_EXTENSIONS",
+    "WHOLE_SLIDE_SUFFIXES",
+    "ReaderMetadata",
+    "SlideReader",
+    "open_reader",
+]
 
 SUPPORTED_EXTENSIONS = [
     ".svs",
@@ -47,6 +53,10 @@ SUPPORTED_EXTENSIONS = [
     ".jpeg",
     ".bmp",
 ]
+#: Formats that are always whole slides; plain TIFF and PNG files may be tiles or slides.
+WHOLE_SLIDE_SUFFIXES = frozenset(
+    {".svs", ".ndpi", ".vms", ".vmu", ".mrxs", ".scn", ".bif", ".svslide", ".dcm", ".qptiff"}
+)
 
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 

@@ -17,17 +17,13 @@ from PIL import Image
 
 from histopilot.errors import ImageInputError
 from histopilot.slide import open_slide
+from histopilot.slide.readers import WHOLE_SLIDE_SUFFIXES
 from histopilot.slide.render import save_png
 from histopilot.slide.tiling import iter_tiles, tile_grid
 from histopilot.storage import atomic_file
 from histopilot.tools.images import IMAGE_SUFFIXES, MAX_PIXELS, list_images, read_rgb
 from histopilot.tools.stain.augment import Jitter, augment_stains
 from histopilot.tools.stain.normalizer import StainBatch
-
-# Whole-slide formats; plain TIFF/PNG inputs are read as tiles.
-SLIDE_SUFFIXES = frozenset(
-    {".svs", ".ndpi", ".vms", ".vmu", ".mrxs", ".scn", ".bif", ".svslide", ".dcm", ".qptiff"}
-)
 
 
 @dataclass(frozen=True)
@@ -84,7 +80,7 @@ def _tiles(inputs: Iterable[str | Path], tiling: SlideTiling) -> Iterator[Tile]:
 def _is_slide(path: Path) -> bool:
     """Slide formats by suffix; a TIFF too large to be a tile is read as a slide too."""
     suffix = path.suffix.lower()
-    if suffix in SLIDE_SUFFIXES:
+    if suffix in WHOLE_SLIDE_SUFFIXES:
         return True
     if suffix not in (".tif", ".tiff"):
         return False
