@@ -9,8 +9,8 @@
    scorers) against the COCO toolkit's own pipeline (Stanford's PTB tokenizer on Java, then the
    same scorers), METEOR left out of both. The tokenisers differ, so the values differ a
    little; the ratio is the toolkit's time over ours.
-3. **Retrieval evaluation**: leave-one-out MV@k over ``--vectors`` labelled vectors through a
-   FAISS patch index (``evaluate_index``, what ``histopilot eval retrieval`` runs) against
+3. **Retrieval evaluation**: leave-one-out MV@k over ``--vectors`` labelled vectors stored in a
+   patch index (``evaluate_index``, what ``histopilot eval retrieval`` runs) against
    scikit-learn's brute-force cosine ``NearestNeighbors`` with the same majority vote. MV@k
    must agree; the ratio is scikit-learn's time over ours.
 
@@ -231,7 +231,7 @@ def main() -> None:
     print("| implementation | MV@1 | MV@5 | seconds | ratio |")
     print("| --- | ---: | ---: | ---: | ---: |")
     print(
-        f"| histopilot (FAISS index) | {found['ours'][1]:.4f} | {found['ours'][5]:.4f} "
+        f"| histopilot (exact FAISS search) | {found['ours'][1]:.4f} | {found['ours'][5]:.4f} "
         f"| {ours_s:.2f} | {theirs_s / ours_s:.2f} |"
     )
     print(

@@ -1577,10 +1577,8 @@ SchemaOption = Annotated[
 ]
 
 
-def _extractor(
-    backend: str, schema: str, config_path: Path | None, profile: str | None, combine: bool
-):
-    """text → (schema, fields, warnings) for the chosen backend."""
+def _extractor(schema: str, config: HistopilotConfig, combine: bool):
+    """text → (schema, fields, warnings) with the extractor role of ``config``."""
     from histopilot.tools.extract import SCHEMA_CHOICES, extract_fields
 
     if schema not in SCHEMA_CHOICES and schema not in SCHEMA_ALIASES:
@@ -1588,11 +1586,10 @@ def _extractor(
             f"--schema {schema!r} is not a schema; choose one of "
             f"{', '.join([*SCHEMA_CHOICES, *SCHEMA_ALIASES])}"
         )
-    if backend == "offline":
+    if config.roles.extractor.backend == "offline":
         return lambda text: extract_fields(text, schema)
     from histopilot.serve.factory import chat_model
 
-    config = _with_backend(load_config(config_path, profile=profile), "extractor", backend)
     model = chat_model("extractor", config)
     return lambda text: extract_fields(text, schema, model=model, combined=combine)
 
@@ -1628,7 +1625,8 @@ def extract(
     """Structured fields, each with its text span, from free-text pathology reports."""
     from histopilot.tools.extract.batch import RecordWriter, iter_reports, run_batch
 
-    extractor = _extractor(backend, schema, config, profile, combine)
+    settings = _with_backend(load_config(config, profile=profile), "extractor", backend)
+    extractor = _extractor(schema, settings, combine)
     writer = RecordWriter(out)
     total = sum(1 for _ in iter_reports(inputs, skip=out))
     try:
@@ -1724,20 +1722,16 @@ def eval_extraction(
     """Per-field accuracy of an extractor against gold fields (overall and where stated)."""
     _check_eval_out(out)
     from histopilot.evals.card import role_record
-    from histopilot.evals.extraction import evaluate_extraction, read_gold
+    from histopilot.evals.extraction import evaluate_extraction
 
-    extractor = _extractor(backend, schema, config, profile, combine=True)
-    models = [
-        role_record(
-            _with_backend(load_config(config, profile=profile), "extractor", backend), "extractor"
-        )
-    ]
+    settings = _with_backend(load_config(config, profile=profile), "extractor", backend)
+    extractor = _extractor(schema, settings, combine=True)
     with _progress() as progress:
-        task = progress.add_task("extracting", total=len(read_gold(data)))
+        task = progress.add_task("extracting", total=None)
         evaluation = evaluate_extraction(
             data,
             extractor,
-            models=models,
+            models=[role_record(settings, "extractor")],
             options={"backend": backend, "schema": schema},
             workers=concurrency if backend != "offline" else 1,
             on_done=lambda: progress.advance(task),
@@ -1770,8 +1764,8 @@ def eval_report_generation(
     from histopilot.evals.tables import parse_columns
 
     renamed = parse_columns(columns or [], ("id", *COLUMNS))
-    extractor = _extractor(backend, schema, config, profile, combine=True)
     settings = _with_backend(load_config(config, profile=profile), "extractor", backend)
+    extractor = _extractor(schema, settings, combine=True)
     with _progress() as progress:
         task = progress.add_task("reading reports", total=None)
         evaluation = evaluate_report_generation(
@@ -1805,9 +1799,12 @@ def eval_vqa(
         ),
     ] = None,
     backend: Annotated[
-        str,
-        typer.Option("--backend", help="offline | openai | transformers (the describer's model)."),
-    ] = "offline",
+        str | None,
+        typer.Option(
+            "--backend",
+            help="offline | openai | transformers for the describer (default: as configured).",
+        ),
+    ] = None,
     columns: EvalColumns = None,
     meteor: Meteor = True,
     out: EvalOut = None,
@@ -1834,32 +1831,27 @@ def eval_vqa(
 
     renamed = parse_columns(columns or [], ("id", *COLUMNS, *OPTIONAL))
     configured = load_config(config, profile=profile)
-    settings = _with_backend(configured, "describer", backend)
-    if backend != "offline":
+    settings = configured if backend is None else _with_backend(configured, "describer", backend)
+    answerer, models = None, []
+    if settings.roles.describer.backend != "offline":
         from histopilot.serve.factory import chat_model
 
         answerer = ModelAnswerer(chat_model("describer", settings))
-        models = [role_record(settings, "describer")]
+        models.append(role_record(settings, "describer"))
     elif reference is not None:
         from histopilot.retrieval.encoders import load_encoder
         from histopilot.retrieval.reference import ReferenceBank
 
         bank = ReferenceBank.open(reference)
         answerer = ReferenceAnswerer(bank, load_encoder(bank.encoder))
-        models = [
+        models += [
             ModelRecord(role="describer", backend="offline", model=f"reference bank {reference}"),
             encoder_record(bank.encoder),
         ]
-    else:
-        raise HistopilotError(
-            "the offline describer does not answer questions: pass --reference INDEX (a labelled "
-            "patch index, for the nearest-patch baseline) or --backend openai|transformers with "
-            "the describer's model in histopilot.toml (or --profile gpu)"
-        )
-    slides = SlideChatAnswerer(lambda: AgentContext.from_config(configured))
-    chat = configured.roles.orchestrator.backend != "offline"
-    if chat:
-        models.append(role_record(configured, "orchestrator"))
+    slides = None
+    if settings.roles.orchestrator.backend != "offline":
+        slides = SlideChatAnswerer(lambda: AgentContext.from_config(settings))
+        models.append(role_record(settings, "orchestrator"))
     options = {"backend": backend, "reference": reference, "columns": renamed}
     with tempfile.TemporaryDirectory(prefix="histopilot-vqa-") as scratch, _progress() as progress:
         task = progress.add_task("answering", total=None)
@@ -1867,7 +1859,7 @@ def eval_vqa(
             evaluation = evaluate_vqa(
                 data,
                 answerer,
-                slides=slides if chat else None,
+                slides=slides,
                 images=Path(scratch),
                 models=models,
                 options=options,
@@ -1876,7 +1868,8 @@ def eval_vqa(
                 on_done=lambda: progress.advance(task),
             )
         finally:
-            slides.close()
+            if slides is not None:
+                slides.close()
     _report_evaluation(evaluation, out, as_json)
 
 
@@ -1983,7 +1976,7 @@ def eval_generation(
     flip rate by an independent classifier."""
     _check_eval_out(out)
     from histopilot.evals.card import ModelRecord, encoder_record
-    from histopilot.evals.generation import evaluate_generation, feature_encoder
+    from histopilot.evals.generation import FeatureEncoder, evaluate_generation, feature_encoder
     from histopilot.evals.tables import parse_columns
     from histopilot.retrieval.reference import read_labels
 
@@ -1995,18 +1988,23 @@ def eval_generation(
         known = sorted({image.label for image in labelled})
         if target not in known:
             raise HistopilotError(f"--target {target!r} is not a label of {reference} ({known})")
-    extractor = feature_encoder(features, lambda: _patch_encoder(encoder, None, config))
+    fid_features = reader = None
+    models = []
+    if labelled:
+        patch = _patch_encoder(encoder, None, config)
+        reader = FeatureEncoder(patch.name, patch.encode_images)
+        fid_features = feature_encoder(features, patch)
+        models = [
+            ModelRecord(role="FID/KID features", backend="encoder", model=fid_features.name),
+            encoder_record(patch.name, role="independent k-NN reader"),
+        ]
     evaluation = evaluate_generation(
         manifest,
-        extractor,
         reference=labelled,
         target=target,
-        models=[
-            ModelRecord(role="FID/KID features", backend="encoder", model=extractor.name),
-            encoder_record(extractor.name, role="independent k-NN classifier"),
-        ]
-        if labelled
-        else [],
+        features=fid_features,
+        reader=reader,
+        models=models,
         options={
             "reference": reference,
             "labels": labels,
@@ -2066,31 +2064,21 @@ def eval_agent(
         "seed": seed,
         **_resource_overrides(reference, knowledge),
     }
-    context = AgentContext.from_config(settings, **overrides)
-    sweep = _integers(budgets, "--budgets") if budgets else [context.settings.budget]
-    try:
-        evaluation = evaluate_agent(
-            slides,
-            context,
-            budgets=sweep,
-            mapping=pairs,
-            models=[
-                *(
-                    role_record(settings, role)
-                    for role in ("orchestrator", "describer", "diagnoser", "reporter")
-                ),
-                encoder_record(settings.encoders.patch),
-            ],
-            options={
-                "budgets": sweep,
-                "map": pairs,
-                **overrides,
-                "settings": context.settings.model_dump(),
-            },
-            on_done=lambda line: stderr.print(f"[dim]{escape(line)}[/]", highlight=False),
-        )
-    finally:
-        context.close()
+    evaluation = evaluate_agent(
+        slides,
+        lambda: AgentContext.from_config(settings, **overrides),
+        budgets=_integers(budgets, "--budgets") if budgets else None,
+        mapping=pairs,
+        models=[
+            *(
+                role_record(settings, role)
+                for role in ("orchestrator", "describer", "diagnoser", "reporter")
+            ),
+            encoder_record(settings.encoders.patch),
+        ],
+        options={"map": pairs, **overrides},
+        on_done=lambda line: stderr.print(f"[dim]{escape(line)}[/]", highlight=False),
+    )
     _report_evaluation(evaluation, out, as_json)
 
 

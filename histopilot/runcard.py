@@ -19,7 +19,13 @@ from histopilot import __version__
 RUN_CARD = "run.json"
 #: Libraries whose versions decide whether a run can be reproduced.
 LIBRARIES = (
+    "numpy",
+    "scipy",
+    "pillow",
+    "opencv-python-headless",
     "torch",
+    "torchvision",
+    "timm",
     "transformers",
     "peft",
     "trl",
@@ -32,6 +38,7 @@ LIBRARIES = (
     "faiss-cpu",
     "scikit-learn",
     "torchmetrics",
+    "torch-fidelity",
     "pycocoevalcap",
     "openslide-python",
     "openslide-bin",

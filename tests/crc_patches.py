@@ -1,5 +1,5 @@
-"""The 32 labelled CRC-VAL-HE-7K patches as training data: readable tissue names for captions,
-and a split that keeps each patch on one side."""
+"""The 32 labelled CRC-VAL-HE-7K patches as training and evaluation data: readable tissue
+names for captions, a split that keeps each patch on one side, and tissue-class questions."""
 
 from __future__ import annotations
 
@@ -7,10 +7,15 @@ import csv
 from pathlib import Path
 
 TISSUE = {
-    "ADI": "adipose tissue", "DEB": "necrotic debris", "LYM": "lymphocytes", "MUC": "mucus",
-    "MUS": "smooth muscle", "NORM": "normal colonic mucosa", "STR": "tumour stroma",
+    "ADI": "adipose tissue",
+    "DEB": "necrotic debris",
+    "LYM": "lymphocytes",
+    "MUC": "mucus",
+    "MUS": "smooth muscle",
+    "NORM": "normal colonic mucosa",
+    "STR": "tumour stroma",
     "TUM": "adenocarcinoma epithelium",
-}  # fmt: skip
+}
 
 
 def crc_rows(test_data: Path) -> tuple[Path, list[dict]]:
@@ -37,3 +42,32 @@ def caption_table(path: Path, rows: list[dict], template: str = "{}") -> Path:
         for row in rows:
             writer.writerow([row["file"], template.format(TISSUE[row["label"]]), row["label"]])
     return path
+
+
+def vqa_questions(rows: list[dict], names: dict[str, str]) -> list[dict]:
+    """Four questions per patch about its tissue class: "Is this <its class>?" (yes), "Is this
+    <the next class>?" (no), four lettered options with the right one in turn at A, B, C and
+    D, and an open "What tissue is this?"."""
+    classes = sorted(names)
+    questions = []
+    for number, row in enumerate(rows):
+        label, name = row["label"], names[row["label"]]
+        others = [names[c] for c in classes if c != label]
+        other = names[classes[(classes.index(label) + 1) % len(classes)]]
+        start = number % len(others)
+        options = (others[start:] + others[:start])[:3]
+        options.insert(number % 4, name)
+        ask = {"image": row["file"]}
+        questions += [
+            ask | {"id": f"{number}-yes", "question": f"Is this {name}?", "answer": "yes"},
+            ask | {"id": f"{number}-no", "question": f"Is this {other}?", "answer": "no"},
+            ask
+            | {
+                "id": f"{number}-mc",
+                "question": "Which tissue is shown?",
+                "choices": [f"{'ABCD'[i]}) {o}" for i, o in enumerate(options)],
+                "answer": "ABCD"[options.index(name)],
+            },
+            ask | {"id": f"{number}-open", "question": "What tissue is this?", "answer": name},
+        ]
+    return questions

@@ -27,6 +27,7 @@ from histopilot.evals.metrics import (
     js_divergence,
     kernel_distance,
     kl_divergence,
+    knn_labels,
     leave_one_out_knn,
     leave_one_out_neighbours,
     lpips,
@@ -44,6 +45,7 @@ from histopilot.evals.metrics import (
     tokens,
     wasserstein,
 )
+from histopilot.evals.metrics import image as image_metrics
 from histopilot.evals.metrics import text as text_metrics
 
 # ---------------------------------------------------------------- text
@@ -227,6 +229,18 @@ def test_ms_ssim_falls_with_noise_and_refuses_tiny_images():
         ms_ssim(tiny, tiny)
 
 
+def test_ms_ssim_at_full_size_is_torchmetrics_default():
+    from torchmetrics.functional.image import multiscale_structural_similarity_index_measure
+
+    tile = _smooth_tile(0, size=176)
+    noisy = _noisy(tile, 10)
+    unit = [torch.from_numpy(x).permute(0, 3, 1, 2).float() / 255 for x in (tile, noisy)]
+    expected = multiscale_structural_similarity_index_measure(
+        *unit, data_range=1.0, normalize="relu"
+    )  # five scales, the standard betas and window
+    assert ms_ssim(tile, noisy) == [pytest.approx(float(expected), abs=1e-5)]
+
+
 def test_pair_metrics_reject_mismatched_or_float_images():
     with pytest.raises(ValueError, match="same shape|one shape"):
         ssim(np.zeros((1, 8, 8, 3), np.uint8), np.zeros((1, 8, 9, 3), np.uint8))
@@ -283,6 +297,14 @@ def test_kernel_distance_is_the_unbiased_polynomial_mmd():
     assert kernel_distance(real, real[::-1], subset_size=50) == kernel_distance(
         real, real[::-1], subset_size=50
     )  # seeded
+
+
+def test_kernel_distance_is_the_same_with_or_without_whole_kernels(monkeypatch):
+    rng = np.random.default_rng(1)
+    few, many = rng.normal(size=(40, 4)), rng.normal(0.5, 1.0, size=(300, 4))  # unequal sets
+    held = kernel_distance(few, many, subsets=20, subset_size=30)
+    monkeypatch.setattr(image_metrics, "KID_CACHED", 0)  # subset by subset instead
+    assert kernel_distance(few, many, subsets=20, subset_size=30) == pytest.approx(held)
 
 
 # ---------------------------------------------------------------- distribution
@@ -433,6 +455,18 @@ def test_leave_one_out_neighbours_and_knn():
     assert leave_one_out_knn(vectors, labels, k=1) == 1.0
     # With 3 neighbours, items 2 and 3 ("y") each see y, x, x and are outvoted.
     assert leave_one_out_knn(vectors, labels, k=3) == pytest.approx(3 / 5)
+
+
+def test_knn_labels_classify_queries_against_a_labelled_bank():
+    bank = np.array([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])
+    labels = ["x", "x", "y", "y"]
+    queries = np.array([[0.8, 0.3], [0.2, 0.9], [1.0, 1.0]])
+    assert knn_labels(queries, bank, labels, 1) == ["x", "y", "x"]  # a tie goes to the first
+    assert knn_labels(queries, bank, labels, 3) == ["x", "y", "x"]
+    # k past the bank's size takes all four: 2-2 votes, won by the larger summed similarity
+    assert knn_labels(queries, bank, labels, 10) == ["x", "y", "x"]
+    with pytest.raises(ValueError, match="labels"):
+        knn_labels(queries, bank, labels[:3], 1)
 
 
 def test_retrieval_scores_at_several_cutoffs():

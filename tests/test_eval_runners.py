@@ -16,10 +16,10 @@ from histopilot.cli import app
 from histopilot.evals.metrics import java_available, leave_one_out_knn
 from histopilot.retrieval.encoders import load_encoder
 from histopilot.retrieval.patch_index import PatchIndex
-from histopilot.retrieval.reference import add_labelled_images, read_labels
+from histopilot.retrieval.reference import read_labels
 from histopilot.retrieval.search import load_query_image
 from tests.agent_helpers import analyse, make_context
-from tests.crc_patches import crc_rows, split_by_patch
+from tests.crc_patches import crc_rows, split_by_patch, vqa_questions
 from tests.openai_stub import OpenAIStub, Reply, chunk, completion
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -98,119 +98,84 @@ def test_slide_retrieval_leaves_the_query_slide_out(
 
 
 def _vqa_table(path: Path, rows: list[dict], names: dict[str, str]) -> Path:
-    """Three questions per patch: yes/no (true and false), lettered multiple choice, open."""
-    classes = sorted(names)
-    lines = []
-    for number, row in enumerate(rows):
-        label, name = row["label"], names[row["label"]]
-        other = names[classes[(classes.index(label) + 1) % len(classes)]]
-        options = (
-            [names[c] for c in classes[:4]]
-            if label in classes[:4]
-            else [name, *(names[c] for c in classes[:3])]
-        )
-        lines += [
-            {
-                "id": f"{number}-yes",
-                "image": row["file"],
-                "question": f"Is this {name}?",
-                "answer": "yes",
-            },
-            {
-                "id": f"{number}-no",
-                "image": row["file"],
-                "question": f"Is this {other}?",
-                "answer": "no",
-            },
-            {
-                "id": f"{number}-mc",
-                "image": row["file"],
-                "question": "Which tissue is shown?",
-                "choices": [f"{'ABCD'[i]}) {o}" for i, o in enumerate(options)],
-                "answer": "ABCD"[options.index(name)],
-            },
-            {
-                "id": f"{number}-open",
-                "image": row["file"],
-                "question": "What tissue is this?",
-                "answer": name,
-            },
-        ]
-    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    path.write_text("".join(json.dumps(line) + "\n" for line in vqa_questions(rows, names)))
     return path
 
 
 def test_vqa_offline_baseline_answers_held_out_patches(test_data: Path, tmp_path: Path):
-    folder, rows = crc_rows(test_data)
-    bank_rows, question_rows = split_by_patch(rows)
-    encoder = load_encoder("offline")
-    bank = PatchIndex.create(tmp_path / "bank", encoder=encoder.name, dim=encoder.dim)
-    bank_images = {row["file"] for row in bank_rows}
-    add_labelled_images(
-        bank, encoder, [i for i in read_labels(folder, None) if i.path.name in bank_images]
-    )
-    names = {row["label"]: row["label_name"] for row in rows}
-    table = _vqa_table(tmp_path / "questions.jsonl", question_rows, names)
-    images = tmp_path / "crc_val_he_7k"
-    shutil.copytree(folder, images)
-    with table.open("a") as handle:  # hostile and broken rows are skipped, not fatal
-        handle.write(
-            json.dumps({"id": "x1", "image": "../../etc/passwd", "question": "q?", "answer": "yes"})
-            + "\n"
-        )
-        handle.write(
-            json.dumps({"id": "x2", "image": "missing.png", "question": "q?", "answer": "no"})
-            + "\n"
-        )
-        handle.write(
-            json.dumps(
-                {"id": "x3", "image": question_rows[0]["file"], "question": "", "answer": "no"}
-            )
-            + "\n"
-        )
-        handle.write("{broken json\n")
-    table.rename(images / "questions.jsonl")
-    shutil.copy(test_data / "wsi" / "CMU-1-Small-Region.svs", images)
-    with (images / "questions.jsonl").open("a") as handle:  # needs the chat agent's model
-        handle.write(
-            json.dumps(
-                {
-                    "id": "s",
-                    "image": "CMU-1-Small-Region.svs",
-                    "question": "Is this H&E?",
-                    "answer": "yes",
-                }
-            )
-            + "\n"
-        )
+    from scripts.crc_vqa import build
+
+    questions, bank = build(test_data / "patches" / "crc_val_he_7k", tmp_path / "vqa")
+    shutil.copy(test_data / "wsi" / "CMU-1-Small-Region.svs", questions.parent)
+    first = json.loads(questions.read_text().splitlines()[0])
+    extra = [  # hostile and broken rows are skipped, not fatal
+        {"id": "x1", "image": "../../etc/passwd", "question": "q?", "answer": "yes"},
+        {"id": "x2", "image": "missing.png", "question": "q?", "answer": "no"},
+        {"id": "x3", "image": first["image"], "question": "", "answer": "no"},
+        {
+            "id": "x4",
+            "image": first["image"],
+            "question": "q?",
+            "choices": ["IHC", "PAS"],
+            "answer": "Z",
+        },
+        {"id": "x5", "image": first["image"], "question": "q?", "answer": 7},
+        # needs the chat agent's model, so offline it is recorded unanswered
+        {"id": "s", "image": "CMU-1-Small-Region.svs", "question": "Is this H&E?", "answer": "yes"},
+    ]
+    with questions.open("a") as handle:
+        handle.write("".join(json.dumps(row) + "\n" for row in extra) + "{broken json\n")
     out = tmp_path / "eval"
     result = run(
-        "vqa",
-        "--data",
-        str(images / "questions.jsonl"),
-        "--reference",
-        str(tmp_path / "bank"),
-        "--out",
-        str(out),
-        "--no-meteor",
+        "vqa", "--data", str(questions), "--reference", str(bank), "--out", str(out), "--no-meteor"
     )
     scores = result["scores"]
-    assert scores["questions"] == 4 * 16 + 1
+    assert scores["questions"] == 4 * 16 + 2  # the numeric answer is read as text
     assert {kind: v["count"] for kind, v in scores["by_kind"].items()} == {
         "multiple choice": 16,
-        "open": 16,
+        "open": 17,
         "yes/no": 33,
     }
-    items = [json.loads(line) for line in (out / "items.jsonl").open()]
-    mc = [i for i in items if i["kind"] == "multiple choice"]
+    items = {item["id"]: item for item in map(json.loads, (out / "items.jsonl").open())}
+    mc = [item for item in items.values() if item["kind"] == "multiple choice"]
     assert scores["by_kind"]["multiple choice"]["accuracy"] == sum(i["correct"] for i in mc) / 16
     assert scores["by_kind"]["multiple choice"]["accuracy"] > 0.5  # chance is 0.25
     # the baseline's answer to "is this X?" follows its class: yes for one name, no for another
     assert scores["by_kind"]["yes/no"]["accuracy"] > 0.5
-    skipped = " ".join(result["notes"])
-    assert "outside" in skipped or "leaves" in skipped, skipped
-    assert "empty question" in skipped and "needs the chat agent" in skipped
+    # an unanswered question is never right, whatever its answer
+    assert all(not item["correct"] for item in items.values() if not item["given"])
+    assert "needs the chat agent" in items["s"]["error"]
+    notes = " ".join(result["notes"])
+    assert "image outside the image folder" in notes and "empty question" in notes
+    assert "answer not among the choices" in notes and "missing" in notes
     assert_written(out, "vqa", "accuracy")
+
+
+def test_vqa_reads_the_option_a_reply_names():
+    from histopilot.evals.vqa import Question, interpret
+
+    question = Question(
+        id="q",
+        image=Path("x.png"),
+        question="Which?",
+        kind="multiple choice",
+        choices=["adipose", "lymphoma", "mucus", "debris"],
+        answer="debris",
+    )
+    replies = {
+        "D": "debris",
+        "(d)": "debris",
+        "**D**": "debris",
+        "Answer: C": "mucus",
+        "The answer is (B).": "lymphoma",
+        "Option A": "adipose",
+        "B. lymphoma": "lymphoma",
+        "adipose tissue": "adipose",
+        "lymphoma or mucus": "",
+        "I cannot tell": "",
+        "": "",
+    }
+    assert {reply: interpret(reply, question) for reply in replies} == replies
 
 
 def test_vqa_through_a_served_describer_and_the_chat_agent(
@@ -325,71 +290,76 @@ def test_report_generation_tells_a_fluent_wrong_report_from_a_right_one(
 
 
 def test_generation_scores_a_stain_normalization_run(test_data: Path, tmp_path: Path):
-    folder = test_data / "patches" / "crc_val_he_7k"
-    tiles = tmp_path / "tiles"
-    tiles.mkdir()
-    for image in sorted(folder.glob("ADI-*.png")) + sorted(folder.glob("LYM-*.png")):
-        shutil.copy(image, tiles)
+    folder, rows = crc_rows(test_data)
+    sources, held = split_by_patch(rows)  # the reader's examples are never sources
+    tiles, reference = tmp_path / "tiles", tmp_path / "reference"
+    for target, chosen in ((tiles, sources), (reference, held)):
+        target.mkdir()
+        for row in chosen:
+            shutil.copy(folder / row["file"], target)
     runner = CliRunner()
-    fitted = runner.invoke(
-        app,
-        [
-            "stain",
-            "fit",
-            str(folder / "TUM-TCGA-DRHQMTQA.png"),
-            "--out",
-            str(tmp_path / "target.json"),
-        ],
-    )
-    assert fitted.exit_code == 0, fitted.output
-    normalized = runner.invoke(
-        app,
-        [
-            "stain",
-            "normalize",
-            str(tiles),
-            "--target",
-            str(tmp_path / "target.json"),
-            "--out",
-            str(tmp_path / "norm"),
-        ],
-    )
-    assert normalized.exit_code == 0, normalized.output
+    fit = [
+        "stain",
+        "fit",
+        str(folder / "TUM-TCGA-DRHQMTQA.png"),
+        "--out",
+        str(tmp_path / "target.json"),
+    ]
+    assert runner.invoke(app, fit).exit_code == 0
+    normalize = [
+        "stain",
+        "normalize",
+        str(tiles),
+        "--target",
+        str(tmp_path / "target.json"),
+        "--out",
+        str(tmp_path / "norm"),
+    ]
+    assert runner.invoke(app, normalize).exit_code == 0
     result = run(
         "generation",
         str(tmp_path / "norm" / "stain.csv"),
         "--reference",
-        str(folder),
+        str(reference),
         "--out",
         str(tmp_path / "eval"),
     )
     scores = result["scores"]
-    assert scores["pairs"] == 8 and 0.5 < scores["ssim"] < 1.0 and scores["psnr"] > 20
+    with (tmp_path / "norm" / "stain.csv").open() as handle:  # glass or one-stain tiles
+        flagged = sum(row["flag"] != "normalized" for row in csv.DictReader(handle))
+    assert scores["pairs"] == 16 - flagged and 0.5 < scores["ssim"] < 1.0 and scores["psnr"] > 20
     assert scores["features"] == "offline" and scores["lpips"] is None
     assert any("LPIPS skipped" in note for note in result["notes"])
-    assert scores["generated"]["fid"] > 0 and scores["class_kept"] >= 0.75
+    assert scores["generated"]["fid"] > 0 and 0 <= scores["class_kept"] <= 1
+    items = [json.loads(line) for line in (tmp_path / "eval" / "items.jsonl").open()]
+    kept = sum(item["source_class"] == item["output_class"] for item in items) / len(items)
+    assert scores["class_kept"] == kept
     assert_written(tmp_path / "eval", "generation", "closeness")
-    # the same tiles as their own "output": perfect closeness, the sources' own realism
+    # the tiles as their own outputs: perfect closeness, realism equal to the sources', no flips
     same = tmp_path / "same.csv"
     same.write_text("source,output\n" + "".join(f"{p},{p}\n" for p in sorted(tiles.iterdir())))
-    identical = run("generation", str(same), "--reference", str(folder), "--target", "LYM")
-    scores = identical["scores"]
-    assert (
-        scores["ssim"] == pytest.approx(1.0, abs=1e-4)
-        and scores["mae"] == 0
-        and scores["nrmse"] == 0
-    )
+    scores = run("generation", str(same), "--reference", str(reference), "--target", "TUM")[
+        "scores"
+    ]
+    assert scores["ssim"] == pytest.approx(1.0, abs=1e-4) and scores["mae"] == scores["nrmse"] == 0
     assert scores["generated"]["fid"] == pytest.approx(scores["source"]["fid"])
-    assert scores["flip_rate"] == 0.0 and scores["flip_eligible"] >= 3
+    assert scores["flip_rate"] == 0.0 and scores["class_kept"] == 1.0
+    # a source among the reference is left out of it, so it cannot find itself
+    leaky = run("generation", str(same), "--reference", str(folder))
+    assert any("also sources" in note for note in leaky["notes"])
 
 
 def test_agent_runner_sweeps_budgets_and_reproduces_analyze(
     wsi_dir: Path, feature_cache: Path, tmp_path: Path, isolated_config
 ):
-    slides = tmp_path / "slides.csv"
     dicom = wsi_dir / "dicom-wsi-TCGA-XK-AAJU-01A-01-TS1-level.dcm"
-    # TCGA sample type 01 is a primary tumour; the file declares no µm/px, 0.5 is assumed
-    slides.write_text(f"slide,label,mpp\n{dicom},tumour,0.5\n")
+    (tmp_path / "broken.svs").write_bytes(b"not a slide at all" * 100)
+    slides = tmp_path / "slides.csv"
+    # TCGA sample type 01 is a primary tumour; the file declares no µm/px, 0.5 is assumed.
+    # A broken slide fails on its own, and a missing one is skipped before any work.
+    slides.write_text(
+        f"slide,label,mpp\n{dicom},tumour,0.5\nbroken.svs,tumour,0.5\nnowhere.svs,tumour,\n"
+    )
     (tmp_path / "histopilot.toml").write_text(
         f'[agents]\nfeature_cache = "{feature_cache}"\ntrajectories = 2\nmin_regions = 2\n'
     )
@@ -401,36 +371,49 @@ def test_agent_runner_sweeps_budgets_and_reproduces_analyze(
         "--budgets",
         "2,6",
         "--map",
-        "cellular-atypical=tumour",
+        "sparse=not tumour",
         "--out",
         str(out),
     )
-    budgets = result["scores"]["budgets"]
-    assert [b["budget"] for b in budgets] == [2, 6]
-    assert budgets[0]["regions"] <= 2 * 2 < budgets[1]["regions"] <= 6 * 2
     items = [json.loads(line) for line in (out / "items.jsonl").open()]
-    for budget, item in zip((2, 6), items, strict=True):
-        assert item["predicted"] in ("tumour", "indeterminate", item["diagnosis"])
+    analysed = [item for item in items if item["slide"] == dicom.name]
+    for budget, item in zip((2, 6), analysed, strict=True):
         direct = analyse(
             dicom,
             make_context(
-                feature_cache,
-                slide_mpp=0.5,
-                budget=budget,
-                trajectories=2,
-                min_regions=2,
-                regions_per_step=2,
+                feature_cache, slide_mpp=0.5, budget=budget, trajectories=2, min_regions=2
             ),
         )
-        assert direct.state["diagnosis"].label == item["diagnosis"]
-        assert len(direct.state["regions"]) == item["regions"]
+        diagnosis = direct.state["diagnosis"]
+        assert (item["diagnosis"], item["regions"]) == (
+            diagnosis.label,
+            len(direct.state["regions"]),
+        )
+        mapped = {"sparse": "not tumour"}.get(diagnosis.label, diagnosis.label)
+        assert item["predicted"] == ("indeterminate" if diagnosis.indeterminate else mapped)
+    failed = [item for item in items if item["slide"] == "broken.svs"]
+    assert [item["predicted"] for item in failed] == ["failed", "failed"]
+    assert failed[0]["regions"] is None and failed[0]["error"]
+    for budget in result["scores"]["budgets"]:
+        mine = [item for item in items if item["budget"] == budget["budget"]]
+        assert (
+            budget["slides"] == 2
+            and budget["regions"] == analysed[0 if budget["budget"] == 2 else 1]["regions"]
+        )
+        assert budget["accuracy"] == sum(i["predicted"] == "tumour" for i in mine) / 2
+        assert budget["top_3"] == sum("tumour" in i["differential"][:3] for i in mine) / 2
+    assert analysed[0]["regions"] <= 2 * 2 < analysed[1]["regions"] <= 6 * 2
+    assert any("nowhere.svs" in note for note in result["notes"])
     card = assert_written(out, "agent", "accuracy-vs-regions")
     assert card["seed"] is not None and card["options"]["budgets"] == [2, 6]
 
 
 def test_runners_refuse_bad_input_with_one_line(test_data: Path, tmp_path: Path):
     patches = test_data / "patches" / "crc_val_he_7k"
-    assert "--reference INDEX" in refused("vqa", "--data", str(patches / "labels.csv"))
+    questions = tmp_path / "questions.csv"
+    shutil.copy(patches / "ADI-TCGA-EENSRDNW.png", tmp_path / "patches.png")
+    questions.write_text("image,question,answer\npatches.png,Fat?,yes\n")
+    assert "--reference INDEX" in refused("vqa", "--data", str(questions))
     assert "one of --index" in refused("retrieval")
     assert "positive integers" in refused("retrieval", "--images", str(patches), "--k", "0")
     assert "NAME=COLUMN" in refused(

@@ -196,6 +196,15 @@ class AgentContext:
             raise
         return SlideWorkspace(slide=opened, tissue=tissue, maps=maps)
 
+    def release(self, slide: SlideRef | str | Path) -> None:
+        """Close one slide's workspace, so a run over many slides holds one at a time."""
+        path = str(Path(slide.path if isinstance(slide, SlideRef) else slide).resolve())
+        with self._lock:
+            workspace = self._workspaces.pop(path, None)
+            self._opening.pop(path, None)
+        if workspace is not None:
+            workspace.slide.close()
+
     def close(self) -> None:
         """Close every slide the run opened."""
         with self._lock:

@@ -21,10 +21,10 @@ from pydantic import BaseModel
 from histopilot.agents.checkpoints import open_checkpointer
 from histopilot.agents.context import AgentContext
 from histopilot.agents.run import run_analysis
-from histopilot.errors import HistopilotError, TrainingDataError
+from histopilot.errors import TrainingDataError
 from histopilot.evals.card import ModelRecord, Stopwatch, run_card
 from histopilot.evals.metrics import classification_scores
-from histopilot.evals.outputs import Evaluation, Figure, Series, Table, mean
+from histopilot.evals.outputs import Evaluation, Figure, Series, Table, failure, mean
 from histopilot.evals.tables import positive_number, read_rows
 from histopilot.finetune.conversations import ConversionReport
 
@@ -75,24 +75,34 @@ def set_label(label: str, name: str, mapping: dict[str, str], labels: Sequence[s
 
 def evaluate_agent(
     table: Path,
-    context: AgentContext,
+    agents: Callable[[], AgentContext],
     *,
-    budgets: Sequence[int],
+    budgets: Sequence[int] | None,
     mapping: dict[str, str],
     models: list[ModelRecord],
     options: dict[str, Any],
     on_done: Callable[[str], None] | None = None,
 ) -> Evaluation:
+    """Run the slides of ``table`` through the agents ``agents()`` loads (after the table is
+    read, so a mistake in it costs no model loading), once per budget (default: the
+    configured one)."""
     clock = Stopwatch()
     slides, report = read_slides(table)
     labels = sorted({slide.label for slide in slides})
+    context = agents()
+    budgets = list(budgets or [context.settings.budget])
     items = []
-    for budget in budgets:
-        for slide in slides:
-            run_context = replace(context.with_settings(budget=budget), slide_mpp=slide.mpp)
-            items.append(_analysed(slide, run_context, budget, mapping, labels))
-            if on_done:
-                on_done(f"budget {budget}: {slide.path.name} → {items[-1]['predicted']}")
+    try:
+        for slide in slides:  # one slide open at a time, shared by its budgets
+            for budget in budgets:
+                run_context = replace(context.with_settings(budget=budget), slide_mpp=slide.mpp)
+                items.append(_analysed(slide, run_context, budget, mapping, labels))
+                if on_done:
+                    on_done(f"budget {budget}: {slide.path.name} → {items[-1]['predicted']}")
+            context.release(slide.path)
+    finally:
+        context.close()
+    options = options | {"budgets": budgets, "settings": context.settings.model_dump()}
     per_budget = [
         _budget_scores(budget, [i for i in items if i["budget"] == budget]) for budget in budgets
     ]
@@ -200,16 +210,16 @@ def _analysed(slide, context, budget, mapping, labels) -> dict[str, Any]:
     try:
         with open_checkpointer("memory", Path("unused")) as checkpointer:
             run = run_analysis(slide.path, context, checkpointer)
-    except HistopilotError as error:
+    except Exception as error:  # noqa: BLE001 (see outputs.failure)
         return item | {
             "predicted": FAILED,
             "diagnosis": None,
             "differential": [],
             "confidence": None,
-            "regions": 0,
+            "regions": None,
             "tissue_tiles": None,
             "seconds": None,
-            "error": str(error),
+            "error": failure(error),
         }
     diagnosis = run.state["diagnosis"]
     ranked = [

@@ -7,6 +7,7 @@ library versions and the wall time. Two cards that differ explain why two figure
 
 from __future__ import annotations
 
+import hashlib
 import re
 import time
 from collections.abc import Iterable
@@ -19,6 +20,8 @@ from pydantic import BaseModel, Field
 from histopilot.config import HistopilotConfig
 from histopilot.runcard import file_digest, versions
 
+#: Files up to this size are hashed whole; larger ones are fingerprinted (see RunCard).
+WHOLE_FILE_BYTES = 64 << 20
 #: A Hugging Face cache snapshot folder names the commit it holds.
 _SNAPSHOT = re.compile(r"snapshots/([0-9a-f]{40})(?:/|$)")
 
@@ -41,8 +44,14 @@ class RunCard(BaseModel):
     task: str
     started: str = Field(description="UTC time the run began (ISO 8601)")
     seconds: float
-    data_sha256: str = Field(description="SHA-256 over the bytes of every input file, in order")
+    data_sha256: str = Field(
+        description="SHA-256 over every input file in order: its bytes, or for a file over "
+        "64 MiB (a whole slide) its size, first and last MiB"
+    )
     data_files: int = Field(description="How many files that hash covers")
+    data_unreadable: list[str] = Field(
+        default_factory=list, description="Inputs that could not be read for the hash"
+    )
     records: int = Field(description="Items the runner scored")
     options: dict[str, Any]
     models: list[ModelRecord]
@@ -72,19 +81,40 @@ def run_card(
     models: list[ModelRecord],
     seed: int | None = None,
 ) -> RunCard:
+    digest, unreadable = hashlib.sha256(), []
     files = [path for path in dict.fromkeys(data) if path.is_file()]
+    for path in files:
+        try:
+            _fingerprint(path, digest)
+        except OSError:
+            unreadable.append(str(path))
     return RunCard(
         task=task,
         started=clock.started,
         seconds=clock.seconds,
-        data_sha256=file_digest(files),
-        data_files=len(files),
+        data_sha256=digest.hexdigest(),
+        data_files=len(files) - len(unreadable),
+        data_unreadable=unreadable,
         records=records,
         options={key: _plain(value) for key, value in options.items()},
         models=models,
         seed=seed,
         versions=versions(),
     )
+
+
+def _fingerprint(path: Path, digest: Any) -> None:
+    """Add ``path`` to ``digest``: whole when small; for a large file (a whole slide, often
+    gigabytes), its size and first and last MiB, which change with any rescan or edit."""
+    size = path.stat().st_size
+    if size <= WHOLE_FILE_BYTES:
+        file_digest([path], digest)
+        return
+    with path.open("rb") as handle:
+        digest.update(str(size).encode())
+        digest.update(handle.read(1 << 20))
+        handle.seek(-(1 << 20), 2)
+        digest.update(handle.read(1 << 20))
 
 
 def role_record(config: HistopilotConfig, role: str) -> ModelRecord:
@@ -107,15 +137,31 @@ def encoder_record(name: str, role: str = "patch encoder") -> ModelRecord:
 
 
 def model_revision(model: str | None) -> str | None:
-    """The commit of a hub snapshot, or a digest of a local model folder's config files."""
+    """The commit of a hub snapshot (a path inside the cache, or a hub id cached locally), or
+    a digest of a local model folder's config files."""
     if not model:
         return None
     found = _SNAPSHOT.search(model)
     if found:
         return found.group(1)
     folder = Path(model).expanduser()
-    configs = sorted(folder.glob("*.json")) if folder.is_dir() else []
-    return f"sha256:{file_digest(configs)}" if configs else None
+    if folder.is_dir():
+        configs = sorted(folder.glob("*.json"))
+        return f"sha256:{file_digest(configs)}" if configs else None
+    return _cached_commit(model)
+
+
+def _cached_commit(repo_id: str) -> str | None:
+    """The commit of a hub model's ``main`` in the local Hugging Face cache, if it is there."""
+    if repo_id.count("/") != 1:
+        return None
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    ref = Path(HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}" / "refs" / "main"
+    try:
+        return ref.read_text(encoding="utf-8").strip() or None
+    except OSError:
+        return None
 
 
 def _plain(value: Any) -> Any:

@@ -30,9 +30,9 @@ from typing import Any
 
 from pydantic import BaseModel, Field, ValidationError
 
-from histopilot.errors import HistopilotError, ReportInputError
+from histopilot.errors import ReportInputError
 from histopilot.evals.card import ModelRecord, Stopwatch, run_card
-from histopilot.evals.outputs import Evaluation, Figure, Series, Table
+from histopilot.evals.outputs import Evaluation, Figure, Series, Table, failure
 from histopilot.tools.report.schemas import category_group
 
 Fields = dict[str, dict[str, Any]]
@@ -429,38 +429,51 @@ class FieldAgreement(BaseModel):
     agreement: float | None
 
 
+def field_outcomes(reference: Fields, generated: Fields) -> dict[str, tuple[Any, Any, str]]:
+    """Each field either report states: (reference value, generated value, outcome), the
+    outcome being ``agree``, ``differ``, ``missing`` (only the reference states it) or
+    ``unsupported`` (only the generated report does). Values are compared after the same
+    normalisation as the gold comparison (groups, case, G codes)."""
+    outcomes = {}
+    for check in CHECKS:
+        expected, given = check.predicted(reference), check.predicted(generated)
+        if expected is None and given is None:
+            continue
+        if expected is None:
+            outcome = "unsupported"
+        elif given is None:
+            outcome = "missing"
+        else:
+            outcome = "agree" if check.same(given, expected) else "differ"
+        outcomes[check.name] = (expected, given, outcome)
+    return outcomes
+
+
 def field_agreement(pairs: Iterable[tuple[Fields, Fields]]) -> list[FieldAgreement]:
     """Agreement of (reference fields, generated fields) pairs, both read by one extractor.
 
     This is the clinically aware half of report scoring: a fluent report with the wrong T
-    category scores high on BLEU and low here. Values are compared after the same
-    normalisation as the gold comparison (groups, case, G codes).
+    category scores high on BLEU and low here.
     """
     tallies = {check.name: Counter() for check in CHECKS}
     for reference, generated in pairs:
-        for check in CHECKS:
-            expected, given = check.predicted(reference), check.predicted(generated)
-            tally = tallies[check.name]
-            if expected is None:
-                tally.update(unsupported=given is not None)
-                continue
-            tally.update(
-                in_reference=1,
-                agree=given is not None and check.same(given, expected),
-                missing=given is None,
+        for name, (_, _, outcome) in field_outcomes(reference, generated).items():
+            tallies[name][outcome] += 1
+    scores = []
+    for name, t in tallies.items():
+        stated = t["agree"] + t["differ"] + t["missing"]
+        if stated or t["unsupported"]:
+            scores.append(
+                FieldAgreement(
+                    field=name,
+                    in_reference=stated,
+                    agree=t["agree"],
+                    missing=t["missing"],
+                    unsupported=t["unsupported"],
+                    agreement=t["agree"] / stated if stated else None,
+                )
             )
-    return [
-        FieldAgreement(
-            field=name,
-            in_reference=t["in_reference"],
-            agree=t["agree"],
-            missing=t["missing"],
-            unsupported=t["unsupported"],
-            agreement=t["agree"] / t["in_reference"] if t["in_reference"] else None,
-        )
-        for name, t in tallies.items()
-        if t["in_reference"] or t["unsupported"]
-    ]
+    return scores
 
 
 def extract_texts(
@@ -473,17 +486,17 @@ def extract_texts(
     """The fields of each text by id, and why each text that could not be read failed;
     ``workers`` requests in flight at once (for model servers; rules need one)."""
 
-    def extracted(item: tuple[str, str]) -> tuple[str, Fields | HistopilotError]:
+    def extracted(item: tuple[str, str]) -> tuple[str, Fields | str]:
         try:
             return item[0], extractor(item[1])[1]
-        except HistopilotError as error:
-            return item[0], error
+        except Exception as error:  # noqa: BLE001 (see outputs.failure)
+            return item[0], failure(error)
 
     fields, failures = {}, {}
     with ThreadPoolExecutor(max_workers=workers) as pool:
         for key, result in pool.map(extracted, texts.items()):
-            if isinstance(result, HistopilotError):
-                failures[key] = str(result)
+            if isinstance(result, str):
+                failures[key] = result
             else:
                 fields[key] = result
             if on_done:

@@ -35,9 +35,9 @@ from histopilot.evals.metrics import (
     distribution_scores,
     frechet_distance,
     kernel_distance,
+    knn_labels,
     lpips,
     mae,
-    majority_vote,
     ms_ssim,
     nrmse,
     psnr,
@@ -49,7 +49,7 @@ from histopilot.finetune.conversations import ConversionReport
 from histopilot.retrieval.encoders.base import PatchEncoder
 from histopilot.retrieval.reference import LabelledImage
 from histopilot.retrieval.search import load_query_image
-from histopilot.retrieval.vectors import normalized
+from histopilot.runcard import file_digest
 
 #: torch-fidelity's port of the TensorFlow FID Inception (the network FID is defined on).
 INCEPTION_WEIGHTS = "weights-inception-2015-12-05-6726825d.pth"
@@ -73,8 +73,9 @@ class FeatureEncoder:
         self.name, self.encode = name, encode
 
 
-def feature_encoder(choice: str, patch_encoder: Callable[[], PatchEncoder]) -> FeatureEncoder:
-    """``inception``, ``patch`` or ``auto`` (Inception when it is available locally)."""
+def feature_encoder(choice: str, patch: PatchEncoder) -> FeatureEncoder:
+    """``inception``, ``patch`` or ``auto`` (Inception when it is available locally, else the
+    patch encoder)."""
     weights = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_WEIGHTS
     inception_ready = weights.is_file() and _torch_fidelity_installed()
     if choice == "inception" and not inception_ready:
@@ -85,8 +86,7 @@ def feature_encoder(choice: str, patch_encoder: Callable[[], PatchEncoder]) -> F
         )
     if choice in ("inception", "auto") and inception_ready:
         return _inception(weights)
-    encoder = patch_encoder()
-    return FeatureEncoder(encoder.name, lambda images: encoder.encode_images(images))
+    return FeatureEncoder(patch.name, patch.encode_images)
 
 
 def _torch_fidelity_installed() -> bool:
@@ -170,20 +170,22 @@ def _beside(manifest: Path, written: str) -> Path | None:
 
 def evaluate_generation(
     manifest: Path,
-    features: FeatureEncoder,
     *,
     reference: list[LabelledImage] | None,
     target: str | None,
+    features: FeatureEncoder | None,
+    reader: FeatureEncoder | None,
     models: list[ModelRecord],
     options: dict[str, Any],
     columns: dict[str, str] | None = None,
     neighbours: int = 5,
 ) -> Evaluation:
+    """Score the pairs of ``manifest``; with ``reference`` tiles, also realism (on
+    ``features``) and the independent ``reader``'s verdicts (always a patch encoder, so that
+    its flip rate does not change with the FID features)."""
     clock = Stopwatch()
     pairs, report = read_pairs(manifest, columns)
-    sources = [load_query_image(pair.source) for pair in pairs]
-    outputs = [load_query_image(pair.output) for pair in pairs]
-    sources = [_resized(s, o.shape) for s, o in zip(sources, outputs, strict=True)]
+    pairs, sources, outputs = _loaded(pairs, report)
     closeness, notes = _closeness(sources, outputs)
     if report.skipped:
         notes.append(report.summary())
@@ -230,10 +232,21 @@ def evaluate_generation(
             series=[Series(name="SSIM", x=[pair.id for pair in pairs], y=closeness["ssim"])],
         )
     ]
-    if reference:
+    if reference and features is not None and reader is not None:
+        reference, overlap = _without_sources(reference, pairs)
+        if overlap:
+            notes.append(
+                f"{overlap} reference tile(s) are also sources and were left out of the "
+                "reference, so that no source is compared with itself"
+            )
         realism, flips = _against_reference(
-            features, sources, outputs, reference, target, neighbours, items
+            features, reader, sources, outputs, reference, target, neighbours, items
         )
+        if not flips:
+            notes.append(
+                "no independent reader: the reference (sources left out) holds one class; "
+                "give labelled tiles of the sources' classes that are not themselves sources"
+            )
         scores |= realism | flips
         tables += _reference_tables(realism, flips, features.name, target)
         notes.append(f"FID, KID and the distribution scores on {features.name} features")
@@ -290,7 +303,7 @@ def _closeness(
     return scores, notes
 
 
-def _against_reference(features, sources, outputs, reference, target, neighbours, items):
+def _against_reference(features, reader, sources, outputs, reference, target, neighbours, items):
     """FID/KID and distribution scores against the target's real tiles, and the flip rate.
 
     Real tiles are resampled to the outputs' size when the outputs share one (the diffusion
@@ -301,8 +314,11 @@ def _against_reference(features, sources, outputs, reference, target, neighbours
     real_tiles = [load_query_image(image.path) for image in reference]
     if len(shapes) == 1:
         real_tiles = [_resized(tile, next(iter(shapes))) for tile in real_tiles]
-    real = features.encode(real_tiles)
-    made, original = features.encode(outputs), features.encode(sources)
+    encoded = {}
+    for encoder in (features, reader):
+        if encoder.name not in encoded:
+            encoded[encoder.name] = [encoder.encode(x) for x in (real_tiles, outputs, sources)]
+    real, made, original = encoded[features.name]
     wanted = real if target is None else real[[label == target for label in labels]]
     if len(wanted) < 2:
         raise TrainingDataError(
@@ -319,12 +335,16 @@ def _against_reference(features, sources, outputs, reference, target, neighbours
             "kid_std": kid_std,
             **spread.model_dump(),
         }
-    before = _knn_labels(original, real, labels, neighbours)
-    after = _knn_labels(made, real, labels, neighbours)
+    if len(set(labels)) < 2:
+        return realism, {}  # a reader that knows one class would read everything as it
+    bank, made, original = encoded[reader.name]
+    before = knn_labels(original, bank, labels, neighbours)
+    after = knn_labels(made, bank, labels, neighbours)
     for item, was, now in zip(items, before, after, strict=True):
         item |= {"source_class": was, "output_class": now}
     flips: dict[str, Any] = {
-        "classifier": f"{neighbours}-NN over {len(reference)} labelled reference tiles",
+        "classifier": f"{neighbours}-NN on {reader.name} features over {len(reference)} "
+        "labelled reference tiles",
         "class_kept": sum(was == now for was, now in zip(before, after, strict=True)) / len(before),
     }
     if target is not None:
@@ -339,14 +359,31 @@ def _against_reference(features, sources, outputs, reference, target, neighbours
     return realism, flips
 
 
-def _knn_labels(queries: np.ndarray, bank: np.ndarray, labels: list[str], k: int) -> list[str]:
-    """Majority label of each query's ``k`` most cosine-similar reference tiles."""
-    similarity = normalized(queries) @ normalized(bank).T
-    order = np.argsort(-similarity, axis=1)[:, :k]
-    return [
-        majority_vote([labels[j] for j in row], [float(similarity[i, j]) for j in row])
-        for i, row in enumerate(order)
-    ]
+def _loaded(pairs: list[Pair], report: ConversionReport):
+    """The pairs whose two images can be read, with their pixels (the source resampled to the
+    output's size); an unreadable image skips its pair."""
+    kept, sources, outputs = [], [], []
+    for pair in pairs:
+        try:
+            source, output = load_query_image(pair.source), load_query_image(pair.output)
+        except HistopilotError as error:
+            report.skip(pair.id, f"unreadable image: {error}")
+            continue
+        kept.append(pair)
+        sources.append(_resized(source, output.shape))
+        outputs.append(output)
+    report.kept = len(kept)
+    if not kept:
+        raise TrainingDataError(f"no pair's images could be read ({report.summary()})")
+    return kept, sources, outputs
+
+
+def _without_sources(reference: list[LabelledImage], pairs: list[Pair]):
+    """The reference minus any tile whose bytes are a source's: a source among the reference
+    would find itself and flatter both the realism and the reader."""
+    sources = {file_digest([pair.source]) for pair in pairs}
+    kept = [image for image in reference if file_digest([image.path]) not in sources]
+    return kept, len(reference) - len(kept)
 
 
 def _reference_tables(realism, flips, features: str, target: str | None) -> list[Table]:
@@ -370,13 +407,19 @@ def _reference_tables(realism, flips, features: str, target: str | None) -> list
             rows=rows,
         )
     ]
-    tables.append(
-        Table(
-            title=f"Independent classifier ({flips['classifier']})",
-            header=["class kept", "target", "non-target sources", "flip rate"],
-            rows=[
-                [flips["class_kept"], target, flips.get("flip_eligible"), flips.get("flip_rate")]
-            ],
+    if flips:
+        tables.append(
+            Table(
+                title=f"Independent classifier ({flips['classifier']})",
+                header=["class kept", "target", "non-target sources", "flip rate"],
+                rows=[
+                    [
+                        flips["class_kept"],
+                        target,
+                        flips.get("flip_eligible"),
+                        flips.get("flip_rate"),
+                    ]
+                ],
+            )
         )
-    )
     return tables

@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from histopilot.errors import HistopilotError
 from histopilot.evals.card import RunCard
 from histopilot.runcard import RUN_CARD
 from histopilot.storage import atomic_file, check_new_output_folder
@@ -89,7 +90,7 @@ class Evaluation(BaseModel):
 
     def summary(self) -> dict[str, Any]:
         """Everything but the per-item rows: what ``--json`` prints."""
-        return self.model_dump(mode="json", exclude={"items"})
+        return finite(self.model_dump(mode="json", exclude={"items"}))
 
 
 def check_output_folder(out: Path) -> None:
@@ -102,11 +103,14 @@ def write_evaluation(evaluation: Evaluation, out: Path) -> list[Path]:
     check_output_folder(out)
     out.mkdir(parents=True, exist_ok=True)
     written = [
-        _write(out / SCORES_FILE, json.dumps(evaluation.summary(), indent=2) + "\n"),
+        _write(out / SCORES_FILE, json.dumps(evaluation.summary(), indent=2, allow_nan=False)),
         _write(out / REPORT_FILE, evaluation.markdown()),
         _write(
             out / ITEMS_FILE,
-            "".join(json.dumps(item, ensure_ascii=False) + "\n" for item in evaluation.items),
+            "".join(
+                json.dumps(finite(item), ensure_ascii=False, allow_nan=False) + "\n"
+                for item in evaluation.items
+            ),
         ),
     ]
     written += [render_figure(figure, out / f"{figure.name}.png") for figure in evaluation.figures]
@@ -148,6 +152,27 @@ def render_figure(figure: Figure, path: Path) -> Path:
     with atomic_file(path) as tmp:
         canvas.savefig(tmp, format="png")
     return path
+
+
+def finite(value: Any) -> Any:
+    """``value`` with every NaN or infinity replaced by None, which JSON can hold (an NRMSE
+    against an all-black reference is infinite)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: finite(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite(item) for item in value]
+    return value
+
+
+def failure(error: Exception) -> str:
+    """One item's failure as the notes and items record it. A runner scores hundreds of
+    items against a model server for hours, so any exception one item raises (a server error,
+    a CUDA out-of-memory, a bug) is recorded against that item and the run goes on."""
+    if isinstance(error, HistopilotError):
+        return str(error)
+    return f"{type(error).__name__}: {error}"
 
 
 def mean(values: Sequence[float | None]) -> float | None:

@@ -15,10 +15,10 @@ from typing import Any
 from histopilot.errors import TrainingDataError
 from histopilot.evals.card import ModelRecord, Stopwatch, run_card
 from histopilot.evals.extraction import (
-    CHECKS,
     Extractor,
     extract_texts,
     field_agreement,
+    field_outcomes,
 )
 from histopilot.evals.metrics import text_scores, token_f1
 from histopilot.evals.outputs import Evaluation, Figure, Series, Table
@@ -130,7 +130,13 @@ def evaluate_report_generation(
             {
                 "id": key,
                 "token_f1": round(token_f1(row["generated"], row["reference"]), 4),
-                "disagreeing_fields": _disagreements(*pairs[key]) if key in pairs else None,
+                "disagreeing_fields": {
+                    name: [expected, given]
+                    for name, (expected, given, outcome) in field_outcomes(*pairs[key]).items()
+                    if outcome != "agree"
+                }
+                if key in pairs
+                else None,
             }
             for key, row in rows.items()
         ],
@@ -143,15 +149,3 @@ def evaluate_report_generation(
             models=models,
         ),
     )
-
-
-def _disagreements(reference: dict, generated: dict) -> dict[str, list[Any]]:
-    """Fields where the pair differs: name → [reference value, generated value]."""
-    found = {}
-    for check in CHECKS:
-        expected, given = check.predicted(reference), check.predicted(generated)
-        if expected is None and given is None:
-            continue
-        if expected is None or given is None or not check.same(given, expected):
-            found[check.name] = [expected, given]
-    return found

@@ -26,7 +26,7 @@ from histopilot.evals.card import ModelRecord, Stopwatch, run_card
 from histopilot.evals.metrics import RetrievalScores, retrieval_scores
 from histopilot.evals.outputs import Evaluation, Figure, Series, Table
 from histopilot.retrieval.encoders.base import PatchEncoder
-from histopilot.retrieval.patch_index import PatchIndex
+from histopilot.retrieval.patch_index import MANIFEST, METADATA, VECTORS, PatchIndex
 from histopilot.retrieval.reference import add_labelled_images, read_labels
 from histopilot.retrieval.search import mosaic, search_slides
 from histopilot.retrieval.vectors import build_faiss_index, search
@@ -71,6 +71,7 @@ def evaluate_index(
 ) -> Evaluation:
     """Leave-one-out retrieval over the labelled patches (or slides) of ``index``."""
     clock = clock or Stopwatch()
+    k = sorted(set(k))
     patches = index.labelled_patches()
     if not patches:
         raise SearchIndexError(
@@ -98,7 +99,7 @@ def evaluate_index(
         card=run_card(
             "retrieval",
             clock,
-            data=data or [index.path / "metadata.sqlite"],
+            data=data or [index.path / name for name in (MANIFEST, METADATA, VECTORS)],
             records=len(truth),
             options=options,
             models=models,

@@ -40,21 +40,23 @@ def read_rows(
     optional: Iterable[str] = (),
     text_columns: Iterable[str] = (),
 ) -> tuple[dict[str, dict[str, Any]], ConversionReport]:
-    """Rows of ``source`` by id (its ``id`` column, else the row number), with the runner's
-    column names; rows whose ``text_columns`` are empty or whose id repeats are skipped."""
+    """Rows of ``source`` by id (its ``id`` column, else ``#`` and the row number), with the
+    runner's column names; rows whose ``text_columns`` are empty or not text, or whose id
+    repeats, are skipped."""
     if not source.is_file():
         raise TrainingDataError(f"no evaluation set at {source}")
     columns = columns or {}
     required, optional, text_columns = tuple(required), tuple(optional), tuple(text_columns)
     report = ConversionReport(source=str(source), format=source.suffix.lstrip("."))
     rows: dict[str, dict[str, Any]] = {}
+    named = [c for name, spec in columns.items() if name != "id" for c in spec.split(",")]
     for number, row in read_table(source, report):
-        if not report.read:
-            _check_columns(
-                source, row, [c for name in required for c in columns.get(name, name).split(",")]
-            )
+        if not report.read:  # every column asked for, renamed or required, must be there
+            needed = [c for name in required for c in columns.get(name, name).split(",")]
+            _check_columns(source, row, list(dict.fromkeys([*needed, *named])))
         report.read += 1
-        key = str(row.get(columns.get("id", "id")) or number)
+        given = row.get(columns.get("id", "id"))
+        key = f"#{number}" if given is None or given == "" else str(given)
         renamed = {}
         for name in (*required, *optional):
             sources = columns.get(name, name).split(",")
@@ -62,15 +64,27 @@ def read_rows(
                 renamed[name] = [row[s] for s in sources if s in row and row[s] not in ("", None)]
             elif sources[0] in row:
                 renamed[name] = row[sources[0]]
-        empty = [name for name in text_columns if not str(renamed.get(name) or "").strip()]
-        if empty:
-            report.skip(key, f"empty {', '.join(empty)}")
+        problem = _text_problem(renamed, text_columns)
+        if problem:
+            report.skip(key, problem)
         elif key in rows:
             report.skip(key, "duplicate id")
         else:
             rows[key] = renamed
             report.kept += 1
     return rows, report
+
+
+def _text_problem(row: dict[str, Any], text_columns: tuple[str, ...]) -> str | None:
+    """Why a row's text columns cannot be used, or None; numbers are turned into text."""
+    for name in text_columns:
+        value = row.get(name)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            row[name] = value = str(value)
+        if value is not None and not isinstance(value, str):
+            return f"not text: {name} holds a {type(value).__name__}"
+    empty = [name for name in text_columns if not (row.get(name) or "").strip()]
+    return f"empty {', '.join(empty)}" if empty else None
 
 
 def _check_columns(source: Path, row: dict[str, Any], needed: list[str]) -> None:

@@ -31,8 +31,8 @@ from histopilot.agents.checkpoints import open_checkpointer
 from histopilot.agents.context import AgentContext
 from histopilot.errors import HistopilotError, TrainingDataError
 from histopilot.evals.card import ModelRecord, Stopwatch, run_card
-from histopilot.evals.metrics import normalise_answer, text_scores, token_f1
-from histopilot.evals.outputs import Evaluation, Figure, Series, Table
+from histopilot.evals.metrics import exact_match, normalise_answer, text_scores, token_f1
+from histopilot.evals.outputs import Evaluation, Figure, Series, Table, failure
 from histopilot.evals.tables import positive_number, read_rows
 from histopilot.finetune.conversations import ConversionReport
 from histopilot.finetune.tables import ImageCells
@@ -46,6 +46,15 @@ Kind = Literal["yes/no", "multiple choice", "open"]
 COLUMNS = ("image", "question", "answer")
 OPTIONAL = ("choices", "type", "mpp")
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+NO_DESCRIBER = (
+    "the offline describer does not answer questions about images: pass --reference INDEX (a "
+    "labelled patch index, for the nearest-patch baseline) or configure the describer's model "
+    "(--backend openai|transformers, or --profile gpu)"
+)
+NO_CHAT = (
+    "a question about a whole slide needs the chat agent: configure [roles.orchestrator] with "
+    "a model (or --profile gpu)"
+)
 SYSTEM_PROMPT = (
     "You are a pathologist answering a question about one histology image. Answer from what "
     "the image shows. Be brief: for a yes/no question answer yes or no; for a multiple-choice "
@@ -53,6 +62,12 @@ SYSTEM_PROMPT = (
 )
 #: "A) adipose", "(b) mucus", "C. debris": the option letters benchmark tables put in front.
 _LETTERED = re.compile(r"^\s*\(?([A-Za-z])[).:]\s+")
+#: A reply that is a letter alone: "B", "(b)", "**D**", "C."
+_LONE_LETTER = re.compile(r"[\s*_(\[]*([A-Za-z])[\s*_)\].:]*")
+#: A letter after a word that announces it: "Answer: C", "the answer is (D)", "Option B".
+_NAMED_LETTER = re.compile(
+    r"\b(?:answer|option|choice)\s*(?:is\s*)?[:\-]?\s*[*(\[]*([A-Za-z])(?![A-Za-z])", re.IGNORECASE
+)
 
 
 class Question(BaseModel):
@@ -127,19 +142,38 @@ class SlideChatAnswerer:
     """Asks the chat agent about a whole slide, one fresh thread per question.
 
     The agents' context (models, encoder, resources) is loaded on the first slide question,
-    so a set of image questions never pays for it; :meth:`close` closes the slides it opened.
+    so a set of image questions never pays for it, and a context that fails to load fails
+    every slide question with the same error instead of being retried. One slide is open at a
+    time: consecutive questions about it share its workspace, the next slide replaces it.
     """
 
     def __init__(self, context: Callable[[], AgentContext]) -> None:
-        self._make, self._context = context, None
+        self._make = context
+        self._context: AgentContext | None = None
+        self._failure: HistopilotError | None = None
+        self._open: tuple[Path, float | None] | None = None
 
     def answer(self, question: Question) -> str:
-        self._context = self._context or self._make()
+        context = self._loaded()
+        if self._open not in (None, (question.image, question.mpp)):
+            context.release(self._open[0])
+        self._open = (question.image, question.mpp)
         with open_checkpointer("memory", Path("unused")) as checkpointer:
             session = ChatSession(
-                replace(self._context, slide_mpp=question.mpp), question.image, checkpointer
+                replace(context, slide_mpp=question.mpp), question.image, checkpointer
             )
             return session.ask(question.prompt())
+
+    def _loaded(self) -> AgentContext:
+        if self._failure is not None:
+            raise self._failure
+        if self._context is None:
+            try:
+                self._context = self._make()
+            except HistopilotError as error:
+                self._failure = error
+                raise
+        return self._context
 
     def close(self) -> None:
         if self._context is not None:
@@ -151,7 +185,9 @@ def read_questions(
 ) -> tuple[list[Question], ConversionReport]:
     """The usable questions of ``data``; image cells are paths inside its folder or embedded
     bytes (written once to ``images``)."""
-    rows, report = read_rows(data, COLUMNS, columns, optional=OPTIONAL, text_columns=COLUMNS)
+    rows, report = read_rows(
+        data, COLUMNS, columns, optional=OPTIONAL, text_columns=("question", "answer")
+    )
     cells = ImageCells(data.parent, images)
     questions = []
     for key, row in rows.items():
@@ -167,8 +203,10 @@ def read_questions(
             report.skip(key, f"unknown question type: {row.get('type')!r}")
         elif kind == "multiple choice" and len(choices or []) < 2:
             report.skip(key, "multiple choice: fewer than two choices")
+        elif choices and not _gold_choice(str(row["answer"]), choices):
+            report.skip(key, f"answer not among the choices: {row['answer']!r}")
         else:
-            answer = _choice_text(str(row["answer"]), choices) if choices else str(row["answer"])
+            answer = _gold_choice(str(row["answer"]), choices) if choices else str(row["answer"])
             questions.append(
                 Question(
                     id=key,
@@ -188,18 +226,19 @@ def read_questions(
 
 
 def interpret(reply: str, question: Question) -> str:
-    """The answer a reply gives: an option (by letter or wording), yes or no, or the text."""
+    """The answer a reply gives: the option it names, yes or no, or (open questions) the
+    reply itself; empty when a closed question's reply gives no usable answer."""
     if question.kind == "multiple choice":
-        return _choice_text(reply, question.choices or []) or reply
+        return _replied_choice(reply, question.choices or [])
     if question.kind == "yes/no":
         words = normalise_answer(reply).split()
-        return next((w for w in words if w in ("yes", "no")), reply)
+        return next((word for word in words if word in ("yes", "no")), "")
     return reply
 
 
 def evaluate_vqa(
     data: Path,
-    answerer: Answerer,
+    answerer: Answerer | None,
     *,
     slides: Answerer | None = None,
     images: Path,
@@ -211,18 +250,23 @@ def evaluate_vqa(
 ) -> Evaluation:
     clock = Stopwatch()
     questions, report = read_questions(data, images, columns)
+    missing = {
+        NO_CHAT if question.slide else NO_DESCRIBER
+        for question in questions
+        if (slides if question.slide else answerer) is None
+    }
+    if len(missing) == len({question.slide for question in questions}):
+        raise HistopilotError("; ".join(sorted(missing)))  # nothing could be answered
     items = []
     for question in questions:
         try:
-            if question.slide and slides is None:
-                raise HistopilotError(
-                    "a question about a whole slide needs the chat agent: configure "
-                    "[roles.orchestrator] with a model (or --profile gpu)"
-                )
-            reply = (slides if question.slide else answerer).answer(question)
+            who = slides if question.slide else answerer
+            if who is None:
+                raise HistopilotError(NO_CHAT if question.slide else NO_DESCRIBER)
+            reply = who.answer(question)
             error = None
-        except HistopilotError as failure:
-            reply, error = "", str(failure)
+        except Exception as problem:  # noqa: BLE001 (see outputs.failure)
+            reply, error = "", failure(problem)
         given = interpret(reply, question)
         items.append(
             {
@@ -232,7 +276,7 @@ def evaluate_vqa(
                 "answer": question.answer,
                 "reply": reply,
                 "given": given,
-                "correct": normalise_answer(given) == normalise_answer(question.answer),
+                "correct": bool(given) and exact_match(given, question.answer),
                 "token_f1": round(token_f1(given, question.answer), 4),
                 "error": error,
             }
@@ -271,12 +315,13 @@ def _evaluation(items: list[dict], report: ConversionReport, meteor: bool, card)
             len(group),
             _share(group, "correct"),
             sum(i["token_f1"] for i in group) / len(group),
-            sum(not i["reply"] for i in group),
+            sum(not i["given"] for i in group),
         ]
         for kind, group in sorted(by_kind.items())
     ]
     notes = [
-        "closed answers: exact match after lower-casing and dropping punctuation and articles; "
+        "closed answers: exact match after lower-casing and dropping punctuation and articles "
+        "(a reply that names no option, or neither yes nor no, is no usable answer); "
         "open answers: exact match and SQuAD token F1, plus the text metrics"
     ]
     if language and language.meteor_note:
@@ -294,13 +339,13 @@ def _evaluation(items: list[dict], report: ConversionReport, meteor: bool, card)
                 row[0]: {"count": row[1], "accuracy": row[2], "token_f1": row[3]} for row in rows
             },
             "open_text": language.model_dump() if language else None,
-            "unanswered": sum(not i["reply"] for i in items),
+            "unanswered": sum(not i["given"] for i in items),
         },
         notes=notes,
         tables=[
             Table(
                 title="Accuracy by question type",
-                header=["type", "questions", "exact match", "token F1", "unanswered"],
+                header=["type", "questions", "exact match", "token F1", "no usable answer"],
                 rows=rows,
             ),
             *(
@@ -359,7 +404,9 @@ def _slide_file(root: Path, cell: str) -> tuple[Path | None, str | None]:
 
 
 def _choices(cell: Any) -> list[str] | None:
-    """Options from a list, a dict (letter → text), JSON text, or text split by '|' or ';'."""
+    """Options from a list, a dict (letter → text), JSON text, or text split by '|' or ';'.
+    Letters in front ("A) adipose", "B. mucus") are dropped when every option carries its
+    own, in order; otherwise the text is kept as written ("H. pylori gastritis")."""
     if cell is None or cell == "":
         return None
     if isinstance(cell, str):
@@ -371,19 +418,45 @@ def _choices(cell: Any) -> list[str] | None:
         cell = [cell[key] for key in sorted(cell)]
     if not isinstance(cell, list):
         return None
-    return [_LETTERED.sub("", str(option)).strip() for option in cell if str(option).strip()]
+    options = [str(option).strip() for option in cell if str(option).strip()]
+    prefixes = [_LETTERED.match(option) for option in options]
+    if all(m and m.group(1).upper() == LETTERS[i] for i, m in enumerate(prefixes)):
+        return [option[m.end() :].strip() for option, m in zip(options, prefixes, strict=True)]
+    return options
 
 
-def _choice_text(text: str, choices: Sequence[str]) -> str:
-    """The option ``text`` names: a lone letter ("B", "(b)", "B. mucus"), or the option whose
-    wording it matches best; empty when it names none."""
-    stripped = text.strip()
-    letter = re.fullmatch(r"\(?([A-Za-z])\)?\.?", stripped) or _LETTERED.match(stripped)
-    if letter and LETTERS.index(letter.group(1).upper()) < len(choices):
-        return choices[LETTERS.index(letter.group(1).upper())]
-    scored = [(token_f1(text, choice), choice) for choice in choices]
-    best, choice = max(scored, default=(0.0, ""))
-    return choice if best > 0 else ""
+def _gold_choice(answer: str, choices: Sequence[str]) -> str:
+    """The option a set's answer names: its letter, or its text (normalised); else empty."""
+    letter = _LONE_LETTER.fullmatch(answer.strip())
+    if letter:
+        return _option(letter.group(1), choices)
+    return next((c for c in choices if exact_match(c, answer)), "")
+
+
+def _replied_choice(reply: str, choices: Sequence[str]) -> str:
+    """The option a model's reply names, or empty when it names none or several.
+
+    Letters are read alone ("B", "(b)", "**D**"), after "answer", "option" or "choice"
+    ("The answer is (D)."), or in front of the option's text ("B. mucus"). Otherwise the
+    reply must match one option's wording better than every other, with token F1 ≥ 0.5.
+    """
+    stripped = reply.strip()
+    letter = (
+        _LONE_LETTER.fullmatch(stripped)
+        or _NAMED_LETTER.search(stripped)
+        or _LETTERED.match(stripped)
+    )
+    if letter and _option(letter.group(1), choices):
+        return _option(letter.group(1), choices)
+    scored = sorted(((token_f1(reply, choice), choice) for choice in choices), reverse=True)
+    if not scored or scored[0][0] < 0.5 or (len(scored) > 1 and scored[1][0] == scored[0][0]):
+        return ""
+    return scored[0][1]
+
+
+def _option(letter: str, choices: Sequence[str]) -> str:
+    index = LETTERS.index(letter.upper())
+    return choices[index] if index < len(choices) else ""
 
 
 def _kind(declared: Any, choices: list[str] | None, answer: str) -> Kind | None:

@@ -41,6 +41,7 @@ from histopilot.evals.metrics.image import (
 )
 from histopilot.evals.metrics.retrieval import (
     RetrievalScores,
+    knn_labels,
     leave_one_out_knn,
     leave_one_out_neighbours,
     majority_vote,
@@ -72,6 +73,7 @@ __all__ = [
     "js_divergence",
     "kernel_distance",
     "kl_divergence",
+    "knn_labels",
     "leave_one_out_knn",
     "leave_one_out_neighbours",
     "lpips",

@@ -183,7 +183,8 @@ def kernel_distance(
 
     # Sets small enough to hold their kernels are multiplied once and each subset indexes the
     # result; larger sets compute each subset's kernels (same draws, same values either way).
-    whole = (kernel(a, a), kernel(b, b), kernel(a, b)) if len(a) * len(b) <= KID_CACHED else None
+    small = max(len(a), len(b)) ** 2 <= KID_CACHED
+    whole = (kernel(a, a), kernel(b, b), kernel(a, b)) if small else None
     values = []
     for _ in range(subsets):
         i = generator.choice(len(a), size, replace=False)

@@ -37,18 +37,42 @@ def leave_one_out_neighbours(vectors: np.ndarray, k: int) -> tuple[np.ndarray, n
 
     Similarities are float32, from L2-normalised rows; an all-zero row is similar (0) to all.
     """
-    array = np.asarray(vectors, dtype=np.float32)
-    if array.ndim != 2 or len(array) < 2:
-        raise ValueError(f"expected at least two vectors as a 2-D array; got shape {array.shape}.")
-    if not np.isfinite(array).all():
-        raise ValueError("some vectors hold NaN or infinite values; the encoder failed on those.")
-    if k < 1:
-        raise ValueError(f"k must be at least 1; got {k}.")
-    norms = np.linalg.norm(array, axis=1, keepdims=True)
-    unit = np.divide(array, norms, out=np.zeros_like(array), where=norms > 0)
+    unit = _unit(vectors)
+    if len(unit) < 2:
+        raise ValueError(f"expected at least two vectors; got {len(unit)}.")
     similarity = unit @ unit.T
     np.fill_diagonal(similarity, -np.inf)
-    order = np.argsort(-similarity, axis=1, kind="stable")[:, : min(k, len(array) - 1)]
+    return _best(similarity, min(k, len(unit) - 1))
+
+
+def knn_labels(queries: np.ndarray, bank: np.ndarray, labels: Sequence[str], k: int) -> list[str]:
+    """The label each query's ``k`` most cosine-similar bank vectors vote for
+    (:func:`majority_vote`): a k-NN classifier over a labelled bank."""
+    if len(labels) != len(bank):
+        raise ValueError(f"got {len(bank)} bank vectors but {len(labels)} labels.")
+    order, similarity = _best(_unit(queries) @ _unit(bank).T, min(k, len(bank)))
+    return [
+        majority_vote([labels[j] for j in row], list(scores))
+        for row, scores in zip(order, similarity, strict=True)
+    ]
+
+
+def _unit(vectors: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length (float32; an all-zero row stays zero), checked first."""
+    array = np.asarray(vectors, dtype=np.float32)
+    if array.ndim != 2 or not len(array):
+        raise ValueError(f"expected a non-empty 2-D array of vectors; got shape {array.shape}.")
+    if not np.isfinite(array).all():
+        raise ValueError("some vectors hold NaN or infinite values; the encoder failed on those.")
+    norms = np.linalg.norm(array, axis=1, keepdims=True)
+    return np.divide(array, norms, out=np.zeros_like(array), where=norms > 0)
+
+
+def _best(similarity: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Column indices and values of each row's ``k`` largest entries, best first (stable)."""
+    if k < 1:
+        raise ValueError(f"k must be at least 1; got {k}.")
+    order = np.argsort(-similarity, axis=1, kind="stable")[:, :k]
     return order, np.take_along_axis(similarity, order, axis=1)
 
 
