@@ -739,6 +739,17 @@ Label = Annotated[
 ]
 
 
+Shards = Annotated[
+    int,
+    typer.Option(
+        "--shards",
+        min=1,
+        help="Split the search structure into shards, searched in parallel (one per GPU "
+        "when there are several).",
+    ),
+]
+
+
 @index_app.command("build")
 @reports_user_errors
 def index_build(
@@ -748,6 +759,7 @@ def index_build(
     kind: Annotated[
         str, typer.Option("--kind", help="flat (exact), hnsw or ivfpq (large collections).")
     ] = "flat",
+    shards: Shards = 1,
     label: Label = None,
     slide_mpp: SlideMPP = None,
     device: Device = None,
@@ -765,7 +777,7 @@ def index_build(
     # Built aside and moved into place at the end: a failed build leaves nothing behind.
     with atomic_directory(out) as building:
         index = PatchIndex.create(
-            building, encoder=patch_encoder.name, dim=patch_encoder.dim, kind=kind
+            building, encoder=patch_encoder.name, dim=patch_encoder.dim, kind=kind, shards=shards
         )
         added = _index_slides(index, patch_encoder, slides, label, slide_mpp)
     _report_indexed(out, patch_encoder.name, added, len(index), as_json)
@@ -862,13 +874,16 @@ def index_remove(
 def index_rebuild(
     index_path: IndexPath,
     kind: Annotated[str | None, typer.Option("--kind", help="Switch to another kind.")] = None,
+    shards: Annotated[
+        int | None, typer.Option("--shards", min=1, help="Split into this many shards.")
+    ] = None,
     as_json: AsJson = False,
 ) -> None:
     """Rebuild the search structure from the metadata table (repairs an interrupted write)."""
     from histopilot.retrieval.patch_index import PatchIndex
 
     index = PatchIndex.open(index_path, check=False)
-    index.rebuild(kind)
+    index.rebuild(kind, shards)
     info = index.info()
     _report(info, as_json, f"rebuilt {index_path}: {len(index)} patches ({info['kind']})")
 

@@ -14,7 +14,7 @@ from histopilot.retrieval.encoders import OfflineEncoder
 from histopilot.retrieval.features import SlideFeatures, embed_slide, slide_id_of
 from histopilot.retrieval.patch_index import PatchIndex, PatchRecord
 from histopilot.retrieval.search import mosaic, search_patches, search_slides
-from histopilot.retrieval.vectors import IVF_MIN_TRAIN, build_faiss_index, search
+from histopilot.retrieval.vectors import IVF_MIN_TRAIN, build_faiss_index, search, shard_parts
 from histopilot.slide import open_slide
 
 
@@ -44,6 +44,45 @@ def test_every_kind_finds_each_vector_itself(kind: str, count: int) -> None:
     scores, ids = search(index, vectors[:50], 1)
     assert (ids[:, 0] == np.arange(50)).mean() >= 0.9
     assert scores.max() <= 1.01  # cosine
+
+
+@pytest.mark.parametrize(("kind", "agreement"), [("flat", 1.0), ("hnsw", 0.95)])
+def test_sharded_and_single_indexes_find_the_same_neighbours(kind: str, agreement: float) -> None:
+    vectors, ids = clustered(2000), np.random.default_rng(1).permutation(10_000)[:2000]
+    single = build_faiss_index(vectors, ids, kind=kind)
+    sharded = build_faiss_index(vectors, ids, kind=kind, shards=4)
+    assert [part.ntotal for part in shard_parts(sharded)] == [
+        int(((ids % 4) == shard).sum()) for shard in range(4)
+    ]
+    queries, left_out = clustered(100, seed=2), ids[:300]
+    for exclude in (None, left_out):
+        single_scores, single_ids = search(single, queries, 10, exclude=exclude)
+        sharded_scores, sharded_ids = search(sharded, queries, 10, exclude=exclude)
+        assert (single_ids == sharded_ids).mean() >= agreement
+        np.testing.assert_allclose(
+            single_scores, sharded_scores, atol=1e-5 if kind == "flat" else 1
+        )
+    assert not np.isin(search(sharded, queries, 10, exclude=left_out)[1], left_out).any()
+
+
+def test_a_sharded_patch_index_answers_like_a_single_one(tmp_path: Path) -> None:
+    vectors = clustered(600)
+    single = PatchIndex.create(tmp_path / "single", encoder="test", dim=16)
+    sharded = PatchIndex.create(tmp_path / "sharded", encoder="test", dim=16, shards=3)
+    for index in (single, sharded):
+        index.add(vectors, records(600))
+        index.remove_slides(["s2"])
+    reopened = PatchIndex.open(tmp_path / "sharded")
+    assert reopened.info()["shards"] == 3 and len(reopened) == len(single) == 400
+
+    def answers(index: PatchIndex) -> list[list[tuple[int, str]]]:
+        hits = index.search(vectors[:40], k=5, exclude_slide="s0")
+        return [[(hit.id, hit.slide_id) for hit in row] for row in hits]
+
+    assert answers(reopened) == answers(single)
+    reopened.rebuild(shards=1)  # and back to one file
+    assert (tmp_path / "sharded" / "vectors.faiss").is_file()
+    assert answers(PatchIndex.open(tmp_path / "sharded")) == answers(single)
 
 
 def test_ivfpq_needs_enough_vectors_to_train() -> None:

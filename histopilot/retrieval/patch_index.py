@@ -5,7 +5,8 @@ Layout of an index folder::
     manifest.json     encoder name, dimension, index kind, patch count
     metadata.sqlite   one row per patch: slide id and path, level-0 x/y and size, µm/px,
                       optional label and caption, and the vector itself
-    vectors.faiss     the search structure, keyed by the row ids
+    vectors.faiss     the search structure, keyed by the row ids (a folder of shard files
+                      when the index is sharded)
 
 SQLite is the source of truth: it holds every vector, so the FAISS file can always be rebuilt
 from it (``rebuild``), switched to another kind, or checked against it. A write commits the
@@ -32,13 +33,16 @@ from histopilot.retrieval.features import SlideFeatures
 from histopilot.retrieval.vectors import (
     IVF_MIN_TRAIN,
     IndexKind,
+    add_vectors,
     build_faiss_index,
     checked_kind,
     forget_gpu_copy,
     index_kind,
     normalized,
     read_index,
+    remove_vectors,
     search,
+    shard_count,
     supports_removal,
     write_index,
 )
@@ -47,6 +51,8 @@ from histopilot.storage import atomic_file
 INDEX_FORMAT = 1
 MANIFEST, METADATA, VECTORS = "manifest.json", "metadata.sqlite", "vectors.faiss"
 LOCK = ".write.lock"
+#: More shards than this buys nothing: each shard is searched by its own thread or GPU.
+MAX_SHARDS = 64
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS patches (
@@ -95,6 +101,7 @@ class IndexManifest(BaseModel):
     encoder: str
     dim: int
     kind: IndexKind
+    shards: int = Field(1, ge=1)
     count: int
     updated: str
 
@@ -121,10 +128,18 @@ class PatchIndex:
     # -- life cycle ----------------------------------------------------------------------
     @classmethod
     def create(
-        cls, path: str | Path, *, encoder: str, dim: int, kind: IndexKind = "flat"
+        cls,
+        path: str | Path,
+        *,
+        encoder: str,
+        dim: int,
+        kind: IndexKind = "flat",
+        shards: int = 1,
     ) -> PatchIndex:
-        """A new, empty index folder (refused if one is already there)."""
+        """A new, empty index folder (refused if one is already there), its search structure
+        split into ``shards``."""
         path, kind = Path(path), checked_kind(kind)
+        shards = _checked_shards(shards)
         if (path / MANIFEST).exists() or (path / METADATA).exists():
             raise SearchIndexError(
                 f"{path} already holds an index; add to it with `histopilot index add`, or "
@@ -135,11 +150,14 @@ class PatchIndex:
             db.executescript(_SCHEMA)
             db.executemany(
                 "INSERT INTO settings VALUES (?, ?)",
-                [("encoder", encoder), ("dim", str(dim)), ("kind", kind)],
+                [("encoder", encoder), ("dim", str(dim)), ("kind", kind), ("shards", str(shards))],
             )
-        manifest = IndexManifest(encoder=encoder, dim=dim, kind=kind, count=0, updated=_now())
+        manifest = IndexManifest(
+            encoder=encoder, dim=dim, kind=kind, shards=shards, count=0, updated=_now()
+        )
         empty = np.zeros((0, dim), np.float32)
-        index = cls(path, manifest, build_faiss_index(empty, kind=_structure_kind(kind, 0)))
+        structure = build_faiss_index(empty, kind=_structure_kind(kind, 0), shards=shards)
+        index = cls(path, manifest, structure)
         index._save_search_structure()
         return index
 
@@ -171,7 +189,8 @@ class PatchIndex:
                 f"the index at {self.path} has format {manifest.format}; this histopilot reads "
                 f"format {INDEX_FORMAT}. Rebuild the index from its slides."
             )
-        if (manifest.encoder, manifest.dim) != (settings.encoder, settings.dim):
+        identity = ("encoder", "dim", "shards")
+        if any(getattr(manifest, key) != getattr(settings, key) for key in identity):
             raise self._needs_rebuild(f"{MANIFEST} disagrees with the metadata table")
         return manifest
 
@@ -185,6 +204,11 @@ class PatchIndex:
         if self._index.d != self.manifest.dim:
             raise self._needs_rebuild(
                 f"{VECTORS} holds {self._index.d}-d vectors but the index is {self.manifest.dim}-d"
+            )
+        if shard_count(self._index) != self.manifest.shards:
+            raise self._needs_rebuild(
+                f"{VECTORS} has {shard_count(self._index)} shards but the index has "
+                f"{self.manifest.shards}"
             )
 
     def _needs_rebuild(self, problem: str) -> SearchIndexError:
@@ -403,26 +427,32 @@ class PatchIndex:
             len(removed) == 0 or supports_removal(self._index)
         )
         if not in_place:
-            self._rebuild_from_table(self.manifest.kind)
+            self._rebuild_from_table(self.manifest.kind, self.manifest.shards)
             return
         if len(removed):
-            self._index.remove_ids(removed)
+            remove_vectors(self._index, removed)
         if added is not None and len(added):
-            self._index.add_with_ids(vectors, added)
+            add_vectors(self._index, vectors, added)
         forget_gpu_copy(self._index)
         self._save_search_structure()
 
-    def rebuild(self, kind: IndexKind | None = None) -> None:
+    def rebuild(self, kind: IndexKind | None = None, shards: int | None = None) -> None:
         """Rebuild the search structure and manifest from the metadata table (optionally as
-        another kind)."""
+        another kind, or split into another number of shards)."""
         with self._writing():
-            self._rebuild_from_table(checked_kind(kind) if kind else self.manifest.kind)
+            self._rebuild_from_table(
+                checked_kind(kind) if kind else self.manifest.kind,
+                _checked_shards(shards) if shards else self.manifest.shards,
+            )
 
-    def _rebuild_from_table(self, kind: IndexKind) -> None:
+    def _rebuild_from_table(self, kind: IndexKind, shards: int) -> None:
         dim = self.manifest.dim
         with self._db() as db:
             rows = db.execute("SELECT id, vector FROM patches ORDER BY id").fetchall()
-            db.execute("INSERT OR REPLACE INTO settings VALUES ('kind', ?)", (kind,))
+            db.executemany(
+                "INSERT OR REPLACE INTO settings VALUES (?, ?)",
+                [("kind", kind), ("shards", str(shards))],
+            )
         if any(len(vector) != dim * 4 for _, vector in rows):
             raise SearchIndexError(
                 f"the metadata table {self.path / METADATA} holds vectors that are not "
@@ -432,8 +462,10 @@ class PatchIndex:
         vectors = np.empty((len(rows), dim), np.float32)
         for position, (_, vector) in enumerate(rows):
             vectors[position] = np.frombuffer(vector, dtype=np.float32)
-        self._index = build_faiss_index(vectors, ids, kind=_structure_kind(kind, len(rows)))
-        self.manifest = self.manifest.model_copy(update={"kind": kind})
+        self._index = build_faiss_index(
+            vectors, ids, kind=_structure_kind(kind, len(rows)), shards=shards
+        )
+        self.manifest = self.manifest.model_copy(update={"kind": kind, "shards": shards})
         self._save_search_structure()
 
     def _save_search_structure(self) -> None:
@@ -495,11 +527,18 @@ def _settings_manifest(path: Path) -> IndexManifest:
             encoder=settings["encoder"],
             dim=int(settings["dim"]),
             kind=settings["kind"],
+            shards=int(settings.get("shards", 1)),
             count=count,
             updated=_now(),
         )
     except (sqlite3.DatabaseError, KeyError, ValueError) as error:
         raise _unreadable(path, error) from error
+
+
+def _checked_shards(shards: int) -> int:
+    if not 1 <= shards <= MAX_SHARDS:
+        raise SearchIndexError(f"an index has 1 to {MAX_SHARDS} shards, not {shards}.")
+    return shards
 
 
 def _structure_kind(kind: IndexKind, count: int) -> IndexKind:
