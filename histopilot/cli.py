@@ -1592,23 +1592,6 @@ SchemaOption = Annotated[
 ]
 
 
-def _extractor(schema: str, config: HistopilotConfig, combine: bool):
-    """text → (schema, fields, warnings) with the extractor role of ``config``."""
-    from histopilot.tools.extract import SCHEMA_CHOICES, extract_fields
-
-    if schema not in SCHEMA_CHOICES and schema not in SCHEMA_ALIASES:
-        raise HistopilotError(
-            f"--schema {schema!r} is not a schema; choose one of "
-            f"{', '.join([*SCHEMA_CHOICES, *SCHEMA_ALIASES])}"
-        )
-    if config.roles.extractor.backend == "offline":
-        return lambda text: extract_fields(text, schema)
-    from histopilot.serve.factory import chat_model
-
-    model = chat_model("extractor", config)
-    return lambda text: extract_fields(text, schema, model=model, combined=combine)
-
-
 def _with_backend(config: HistopilotConfig, role: str, backend: str) -> HistopilotConfig:
     """``config`` with ``role`` on ``backend`` (its model settings kept)."""
     if backend not in ("offline", "openai", "transformers"):
@@ -1638,10 +1621,11 @@ def extract(
     as_json: AsJson = False,
 ) -> None:
     """Structured fields, each with its text span, from free-text pathology reports."""
+    from histopilot.tools.extract import configured_extractor
     from histopilot.tools.extract.batch import RecordWriter, iter_reports, run_batch
 
     settings = _with_backend(load_config(config, profile=profile), "extractor", backend)
-    extractor = _extractor(schema, settings, combine)
+    extractor = configured_extractor(settings, schema, combined=combine)
     writer = RecordWriter(out)
     total = sum(1 for _ in iter_reports(inputs, skip=out))
     try:
@@ -1738,9 +1722,10 @@ def eval_extraction(
     _check_eval_out(out)
     from histopilot.evals.card import role_record
     from histopilot.evals.extraction import evaluate_extraction
+    from histopilot.tools.extract import configured_extractor
 
     settings = _with_backend(load_config(config, profile=profile), "extractor", backend)
-    extractor = _extractor(schema, settings, combine=True)
+    extractor = configured_extractor(settings, schema)
     with _progress() as progress:
         task = progress.add_task("extracting", total=None)
         evaluation = evaluate_extraction(
@@ -1777,10 +1762,11 @@ def eval_report_generation(
     from histopilot.evals.card import role_record
     from histopilot.evals.report_generation import COLUMNS, evaluate_report_generation
     from histopilot.evals.tables import parse_columns
+    from histopilot.tools.extract import configured_extractor
 
     renamed = parse_columns(columns or [], ("id", *COLUMNS))
     settings = _with_backend(load_config(config, profile=profile), "extractor", backend)
-    extractor = _extractor(schema, settings, combine=True)
+    extractor = configured_extractor(settings, schema)
     with _progress() as progress:
         task = progress.add_task("reading reports", total=None)
         evaluation = evaluate_report_generation(

@@ -76,7 +76,7 @@ def _read_file(path: Path, ident: str) -> Iterator[ReportText | Failure]:
     except OSError as error:
         yield Failure(id=ident, reason=f"cannot read it ({error.strerror})")
         return
-    yield _checked(ident, text)
+    yield checked_report(ident, text)
 
 
 def _read_jsonl(path: Path) -> Iterator[ReportText | Failure]:
@@ -99,10 +99,11 @@ def _read_jsonl(path: Path) -> Iterator[ReportText | Failure]:
             if not isinstance(item.get("text"), str):
                 yield Failure(id=ident, reason="no 'text' field with the report as a string")
                 continue
-            yield _checked(ident, item["text"])
+            yield checked_report(ident, item["text"])
 
 
-def _checked(ident: str, text: str) -> ReportText | Failure:
+def checked_report(ident: str, text: str) -> ReportText | Failure:
+    """The report, or why it is refused (empty, or too long to be one report)."""
     if not text.strip():
         return Failure(id=ident, reason="the report is empty")
     if len(text) > MAX_REPORT_CHARS:
