@@ -1659,6 +1659,105 @@ def extract(
         raise typer.Exit(1)  # nothing could be extracted: say so to scripts too
 
 
+# -- cohorts -------------------------------------------------------------------------------------
+@app.command("batch")
+@reports_user_errors
+def batch(
+    sources: Annotated[
+        list[Path],
+        typer.Argument(
+            metavar="SLIDES_OR_MANIFEST...",
+            help="A manifest (CSV, TSV, JSON lines or Parquet: path or slide, optional id, mpp, "
+            "label; for extract: path or text), folders, or slide or report files.",
+        ),
+    ],
+    task: Annotated[
+        str, typer.Option("--task", help="index (embed into one patch index), analyze, extract.")
+    ],
+    out: Annotated[Path, typer.Option("--out", help="Results folder; rerun into it to resume.")],
+    engine: Annotated[
+        str, typer.Option("--engine", help="local (processes here) or ray (a Ray cluster).")
+    ] = "local",
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            "--workers",
+            min=1,
+            help="Workers, each with its own models (default: "
+            "one per core here, or what the Ray cluster holds).",
+        ),
+    ] = None,
+    address: Annotated[
+        str | None,
+        typer.Option(
+            "--address",
+            help="ray: the cluster (ray://head:10001, or 'auto'); default: a local cluster.",
+        ),
+    ] = None,
+    gpus_per_worker: Annotated[
+        float, typer.Option("--gpus-per-worker", min=0.0, help="ray: GPUs each worker holds.")
+    ] = 0.0,
+    shards: Shards = 1,
+    schema: SchemaOption = "auto",
+    question: Question = None,
+    budget: Budget = None,
+    trajectories: Trajectories = None,
+    config: ConfigPath = None,
+    profile: Profile = None,
+    as_json: AsJson = False,
+) -> None:
+    """Run one task over a cohort of slides or reports: one result per item in OUT/results,
+    a summary of done / failed / skipped, and finished items skipped when run again."""
+    from histopilot.batch import ENGINES, TASKS, BatchOptions, run_cohort
+
+    if task not in TASKS:
+        raise HistopilotError(f"--task must be one of {', '.join(TASKS)}, not {task!r}.")
+    if engine not in ENGINES:
+        raise HistopilotError(f"--engine must be one of {', '.join(ENGINES)}, not {engine!r}.")
+    agents = {"budget": budget, "trajectories": trajectories}
+    options = BatchOptions(
+        task=task,
+        config=load_config(config, profile=profile),
+        schema_name=schema,
+        question=question,
+        agents={key: value for key, value in agents.items() if value is not None},
+        shards=shards,
+    )
+
+    def heard(item, outcome) -> None:
+        if outcome.status == "done":
+            line = f"done {item.id} ({outcome.seconds:.1f} s)"
+        else:
+            line = f"[red]failed[/] {escape(item.id)}: {escape(outcome.error or '')}"
+        stderr.print(line, highlight=False, soft_wrap=True)
+
+    summary = run_cohort(
+        sources,
+        options,
+        out,
+        engine=engine,
+        workers=workers,
+        address=address,
+        gpus_per_worker=gpus_per_worker,
+        on_outcome=heard,
+    )
+    if as_json:
+        _print_json(summary)
+    else:
+        for row in summary.items:
+            if row["status"] == "rejected":
+                stderr.print(f"rejected {escape(row['id'])}: {escape(row['error'])}")
+        rate = f", {summary.items_per_hour:g} per hour" if summary.items_per_hour else ""
+        stderr.print(
+            f"{summary.done} done, {summary.failed} failed, {summary.skipped} skipped "
+            f"(finished before), {summary.rejected} rejected in {summary.seconds:g} s "
+            f"on {summary.workers} {engine} worker(s){rate}. Summary: {out / 'summary.csv'}",
+            highlight=False,
+        )
+    if summary.failed or summary.rejected or summary.not_run:
+        raise typer.Exit(1)  # scripts learn that some items need attention
+
+
 # -- evaluations ---------------------------------------------------------------------------------
 EvalOut = Annotated[
     Path | None,

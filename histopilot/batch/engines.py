@@ -1,0 +1,214 @@
+"""Where a cohort's items run: a process pool on this machine, or Ray Data on a cluster.
+
+Both engines take the same items and the same :class:`~histopilot.batch.tasks.CohortWorker`
+and hand every :class:`~histopilot.batch.tasks.Outcome` to one callback in the driver, as it
+arrives; neither writes anything itself.
+
+- ``local``: a pool of spawned processes, each holding its own worker (and models). At most
+  one item per process is in flight. When a process dies (killed, out of memory, a reader
+  crashing on a corrupt file) the pool is restarted and the items it held are tried again one
+  at a time; an item that kills its process on its own is recorded as failed.
+- ``ray``: Ray Data's ``map_batches`` with the worker as a stateful actor class, one item per
+  batch, ``concurrency`` actors with ``num_gpus`` each. Ray restarts a dead actor and retries
+  its item; results stream back to the driver in completion order.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+from collections import deque
+from collections.abc import Callable, Iterable
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from multiprocessing import get_context
+from typing import Any, Literal
+
+from histopilot.batch.manifest import CohortItem
+from histopilot.batch.tasks import BatchOptions, CohortWorker, Outcome
+from histopilot.errors import ConfigError
+
+Engine = Literal["local", "ray"]
+ENGINES: tuple[Engine, ...] = ("local", "ray")
+OnOutcome = Callable[[CohortItem, Outcome], None]
+log = logging.getLogger(__name__)
+
+
+def run_local(
+    items: list[CohortItem], options: BatchOptions, *, workers: int, on_outcome: OnOutcome
+) -> None:
+    """Process ``items`` on ``workers`` processes of this machine."""
+    waiting = deque(items)
+    suspects: deque[CohortItem] = deque()  # held by a process that died: each retried alone
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    while waiting or suspects:
+        running: dict[Future, CohortItem] = {}
+        alone: CohortItem | None = None  # the suspect now running on its own
+        with _pool(options, workers, threads) as pool:
+            try:
+                while waiting or suspects or running:
+                    if suspects and not running:
+                        alone = suspects.popleft()
+                        running[pool.submit(_work, alone)] = alone
+                    while not suspects and alone is None and waiting and len(running) < workers:
+                        item = waiting.popleft()
+                        running[pool.submit(_work, item)] = item
+                    done, _ = wait(running, return_when=FIRST_COMPLETED)
+                    for future in done:
+                        outcome = future.result()
+                        on_outcome(running.pop(future), outcome)
+                    alone = None
+            except BrokenProcessPool:
+                if alone is not None:
+                    on_outcome(alone, _died(alone))
+                else:
+                    suspects.extend(running.values())
+                    log.warning(
+                        "a worker process died; retrying its %d item(s) one at a time",
+                        len(running),
+                    )
+
+
+def _died(item: CohortItem) -> Outcome:
+    return Outcome(
+        id=item.id,
+        status="failed",
+        seconds=0.0,
+        worker="local",
+        error="the worker process died while processing this item on its own (a crash in a "
+        "reader or model, or out of memory); check the file, or give the workers more memory",
+    )
+
+
+def _pool(options: BatchOptions, workers: int, threads: int) -> ProcessPoolExecutor:
+    # spawn, not fork: the driver may hold threads (torch, progress bars) that fork would copy
+    # in an unknown state.
+    return ProcessPoolExecutor(
+        max_workers=workers,
+        mp_context=get_context("spawn"),
+        initializer=_start_worker,
+        initargs=(options, threads),
+    )
+
+
+_worker: CohortWorker | None = None
+
+
+def _start_worker(options: BatchOptions, threads: int) -> None:
+    global _worker
+    import torch
+
+    torch.set_num_threads(threads)  # the machine's cores shared out, as Ray does
+    _worker = CohortWorker(options)
+
+
+def _work(item: CohortItem) -> Outcome:
+    assert _worker is not None
+    return _worker(item)
+
+
+def run_ray(
+    items: list[CohortItem],
+    options: BatchOptions,
+    *,
+    workers: int | None,
+    on_outcome: OnOutcome,
+    address: str | None = None,
+    gpus_per_worker: float = 0.0,
+    cpus_per_worker: float = 1.0,
+) -> int:
+    """Process ``items`` on ``workers`` Ray actors: on the cluster at ``address``, on the
+    cluster this process is already connected to, or on a local one started here."""
+    try:
+        import ray
+        import ray.data
+    except ImportError as error:
+        raise ConfigError("the ray engine needs Ray Data: pip install 'histopilot[ray]'") from error
+    logging.getLogger("ray.data").setLevel(logging.ERROR)  # our lines report each item
+    started_here = not ray.is_initialized()
+    if started_here:
+        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+    try:
+        context = ray.data.DataContext.get_current()
+        context.enable_progress_bars = False
+        context.print_on_execution_start = False
+        if not workers:
+            resources = ray.cluster_resources()
+            if gpus_per_worker:
+                workers = int(resources.get("GPU", 0) // gpus_per_worker)
+                if not workers:
+                    raise ConfigError(
+                        f"the Ray cluster has {resources.get('GPU', 0):g} GPUs; "
+                        f"--gpus-per-worker {gpus_per_worker:g} leaves no room for a worker."
+                    )
+            else:
+                workers = int(resources.get("CPU", 1) // cpus_per_worker)
+        workers = max(1, min(workers, len(items)))
+        by_id = {item.id: item for item in items}
+        # One block per item, so the items spread over the actors instead of queueing in
+        # one block behind each other.
+        dataset = ray.data.from_items(
+            [{"item": item.model_dump_json()} for item in items], override_num_blocks=len(items)
+        )
+        outcomes = dataset.map_batches(
+            _RayWorker,
+            fn_constructor_args=(options,),
+            batch_size=1,
+            concurrency=workers,
+            num_cpus=cpus_per_worker,
+            num_gpus=gpus_per_worker or None,
+        )
+        for row in outcomes.iter_rows():
+            outcome: Outcome = pickle.loads(row["outcome"])
+            on_outcome(by_id[outcome.id], outcome)
+        return workers
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
+class _RayWorker:
+    """The worker as a Ray Data actor: built once per actor, called once per item."""
+
+    def __init__(self, options: BatchOptions) -> None:
+        self.worker = CohortWorker(options)
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, list[bytes]]:
+        outcomes = [self.worker(CohortItem.model_validate_json(raw)) for raw in batch["item"]]
+        # Pickled: an outcome may carry a slide's embeddings, which Arrow would flatten.
+        return {"outcome": [pickle.dumps(outcome) for outcome in outcomes]}
+
+
+def run_engine(
+    engine: Engine,
+    items: Iterable[CohortItem],
+    options: BatchOptions,
+    *,
+    workers: int | None,
+    on_outcome: OnOutcome,
+    address: str | None = None,
+    gpus_per_worker: float = 0.0,
+) -> int:
+    """Run ``items`` on ``engine``; returns how many workers it used (0: nothing to do).
+    Without ``workers``: one per core here, or on Ray as many as the cluster's CPUs (or GPUs,
+    with ``gpus_per_worker``) hold."""
+    items = list(items)
+    if engine not in ENGINES:
+        raise ConfigError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}.")
+    if engine == "local" and (address or gpus_per_worker):
+        raise ConfigError("--address and --gpus-per-worker are for the ray engine.")
+    if not items:
+        return 0
+    if engine == "local":
+        workers = min(workers or os.cpu_count() or 1, len(items))
+        run_local(items, options, workers=workers, on_outcome=on_outcome)
+        return workers
+    return run_ray(
+        items,
+        options,
+        workers=workers,
+        on_outcome=on_outcome,
+        address=address,
+        gpus_per_worker=gpus_per_worker,
+    )
