@@ -265,6 +265,11 @@ class ServerConfig(_Strict):
         1200, ge=1, description="Requests per client per minute (tiles included)."
     )
     analysis_workers: int = Field(1, ge=1, le=64, description="Analyses run at once.")
+    replica: str | None = Field(
+        None,
+        description="This server's name among replicas sharing one Postgres database "
+        "(default: host name and data folder); a restart interrupts only its own analyses.",
+    )
     tile_cache_mb: int = Field(256, ge=0, description="Encoded deep-zoom tiles kept in memory.")
     tile_format: Literal["jpeg", "png"] = "jpeg"
     tile_quality: int = Field(80, ge=1, le=100, description="JPEG quality of the tiles.")

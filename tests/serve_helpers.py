@@ -61,7 +61,14 @@ def served(app: FastAPI) -> Iterator[str]:
 class ServerProcess:
     """``histopilot serve`` in its own process, offline, with quick analyses."""
 
-    def __init__(self, slide_root: Path, data_dir: Path, feature_cache: Path) -> None:
+    def __init__(
+        self,
+        slide_root: Path,
+        data_dir: Path,
+        feature_cache: Path,
+        settings: dict[str, str] | None = None,
+    ) -> None:
+        """``settings``: more ``HISTOPILOT_…`` variables, e.g. a shared checkpoint database."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {
@@ -71,6 +78,7 @@ class ServerProcess:
                 f"HISTOPILOT_AGENTS__{key.upper()}": str(value)
                 for key, value in QUICK_AGENTS.items()
             },
+            **(settings or {}),
         }
         self.process = subprocess.Popen(
             [

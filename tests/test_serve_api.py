@@ -423,3 +423,34 @@ def test_the_web_page_and_the_openapi_schema_are_served(client: TestClient) -> N
         "/v1/extract",
     ):
         assert route in paths
+
+
+def test_a_registry_from_an_earlier_release_is_upgraded_in_place(tmp_path: Path) -> None:
+    """A server.sqlite written before replicas and turn leases gains their columns on open,
+    and keeps every thread and analysis it had."""
+    import sqlite3
+
+    from histopilot.serve.api.registry import Registry
+
+    path = tmp_path / "server.sqlite"
+    with sqlite3.connect(path) as db:
+        db.executescript(
+            "CREATE TABLE threads (id TEXT PRIMARY KEY, owner TEXT NOT NULL, slide_id TEXT NOT "
+            "NULL, slide_name TEXT NOT NULL, created REAL NOT NULL, title TEXT NOT NULL DEFAULT "
+            "''); CREATE TABLE analyses (id TEXT PRIMARY KEY, owner TEXT NOT NULL, slide_id TEXT "
+            "NOT NULL, slide_name TEXT NOT NULL, question TEXT, status TEXT NOT NULL, created "
+            "REAL NOT NULL, finished REAL, error TEXT, progress TEXT NOT NULL DEFAULT '[]', "
+            "summary TEXT); INSERT INTO threads VALUES ('t', 'ann', 's', 's.svs', 1.0, 'hi'); "
+            "INSERT INTO analyses (id, owner, slide_id, slide_name, status, created) "
+            "VALUES ('a', 'ann', 's', 's.svs', 'running', 1.0);"
+        )
+    registry = Registry(path, replica="here")
+    try:
+        assert registry.thread("ann", "t").title == "hi"
+        assert registry.claim_thread("t", "here:1") and not registry.claim_thread("t", "here:2")
+        assert registry.release_turns_of_this_replica() == 1  # as a restart does
+        assert registry.claim_thread("t", "here:3")
+        assert registry.interrupt_unfinished() == 1  # an analysis from before replicas
+        assert registry.analysis("ann", "a").status == "interrupted"
+    finally:
+        registry.close()

@@ -9,6 +9,7 @@ and answered with a 500 that names no internals.
 from __future__ import annotations
 
 import logging
+import socket
 from collections.abc import AsyncIterator
 from contextlib import ExitStack, asynccontextmanager
 from importlib import resources
@@ -40,7 +41,7 @@ from histopilot.serve.api.catalog import (
     UploadTooLargeError,
 )
 from histopilot.serve.api.chat import ChatTurns, ThreadBusyError
-from histopilot.serve.api.registry import Registry
+from histopilot.serve.api.registry import Registry, is_postgres
 from histopilot.serve.api.routes import analyses, chat, extract, slides, threads
 from histopilot.serve.api.security import (
     Authenticator,
@@ -182,11 +183,18 @@ def _build_state(
     checkpointer = stack.enter_context(
         open_checkpointer(context.settings.checkpoints, data_dir / "threads.sqlite")
     )
-    registry = Registry(data_dir / "server.sqlite")
+    # Replicas sharing a Postgres checkpoint database share the registry there too.
+    shared = context.settings.checkpoints
+    registry = Registry(
+        shared if is_postgres(shared) else data_dir / "server.sqlite",
+        replica=server.replica or f"{socket.gethostname()}:{data_dir.resolve()}",
+    )
     stack.callback(registry.close)
     interrupted = registry.interrupt_unfinished()
     if interrupted:
         log.warning("%d analyses were cut short by the last shutdown", interrupted)
+    if registry.release_turns_of_this_replica():
+        log.warning("chat turns were cut short by the last shutdown; their threads are free")
     tiles = TileService(
         cache_bytes=server.tile_cache_mb * 1_000_000,
         tile_format=server.tile_format,
@@ -213,7 +221,7 @@ def _build_state(
         context=context,
         checkpointer=checkpointer,
         jobs=jobs,
-        chats=ChatTurns(context, checkpointer, agents, scrub=catalog.public),
+        chats=ChatTurns(context, checkpointer, agents, registry, scrub=catalog.public),
         auth=Authenticator(dict(server.tokens)),
         limiter=RateLimiter(server.rate_limit_per_minute),
         extractor=_extractor(config),

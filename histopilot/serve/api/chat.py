@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -30,6 +29,7 @@ from histopilot.agents.chat import ChatEvent, ChatReply, ChatSession, EventCallb
 from histopilot.agents.context import AgentContext
 from histopilot.errors import HistopilotError
 from histopilot.serve.api.catalog import CatalogSlide
+from histopilot.serve.api.registry import Registry
 from histopilot.tools.report.document import Citation
 
 log = logging.getLogger(__name__)
@@ -118,21 +118,23 @@ class ThreadBusyError(HistopilotError):
 
 
 class ChatTurns:
-    """Runs chat turns on worker threads, one at a time per thread."""
+    """Runs chat turns on worker threads, one at a time per thread, across every replica
+    that shares the registry."""
 
     def __init__(
         self,
         context: AgentContext,
         checkpointer: BaseCheckpointSaver,
         pool: ThreadPoolExecutor,
+        registry: Registry,
         scrub: Callable[[str], str],
     ) -> None:
         self.context = context
         self.scrub = scrub  # takes the server's folders out of error messages
         self.checkpointer = checkpointer
+        self.registry = registry
         self._pool = pool
-        self._busy: set[str] = set()
-        self._lock = threading.Lock()
+        self._holder = f"{registry.replica}:{uuid.uuid4().hex[:8]}"  # this process's leases
 
     def session(self, slide: CatalogSlide, thread_id: str) -> ChatSession:
         return ChatSession(self.context, slide.path, self.checkpointer, thread_id=thread_id)
@@ -199,20 +201,16 @@ class ChatTurns:
         return future
 
     def busy(self, thread_id: str) -> bool:
-        with self._lock:
-            return thread_id in self._busy
+        return self.registry.thread_busy(thread_id)
 
     def _claim(self, thread_id: str) -> None:
-        with self._lock:
-            if thread_id in self._busy:
-                raise ThreadBusyError(
-                    f"a turn is already running in thread {thread_id}; wait for its answer."
-                )
-            self._busy.add(thread_id)
+        if not self.registry.claim_thread(thread_id, self._holder):
+            raise ThreadBusyError(
+                f"a turn is already running in thread {thread_id}; wait for its answer."
+            )
 
     def _release(self, thread_id: str) -> None:
-        with self._lock:
-            self._busy.discard(thread_id)
+        self.registry.release_thread(thread_id, self._holder)
 
 
 async def _chunks(
