@@ -151,9 +151,11 @@ def run_ray(
         dataset = ray.data.from_items(
             [{"item": item.model_dump_json()} for item in items], override_num_blocks=len(items)
         )
+        # The options travel inside the class, not as constructor arguments in the object
+        # store, so Ray can always rebuild an actor it restarts.
+        worker_class = type("CohortActor", (_RayWorker,), {"options": pickle.dumps(options)})
         outcomes = dataset.map_batches(
-            _RayWorker,
-            fn_constructor_args=(options,),
+            worker_class,
             batch_size=1,
             concurrency=workers,
             num_cpus=cpus_per_worker,
@@ -169,10 +171,13 @@ def run_ray(
 
 
 class _RayWorker:
-    """The worker as a Ray Data actor: built once per actor, called once per item."""
+    """The worker as a Ray Data actor: built once per actor, called once per item. Subclassed
+    per run with the run's pickled ``options``."""
 
-    def __init__(self, options: BatchOptions) -> None:
-        self.worker = CohortWorker(options)
+    options: bytes
+
+    def __init__(self) -> None:
+        self.worker = CohortWorker(pickle.loads(self.options))
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list[bytes]]:
         outcomes = [self.worker(CohortItem.model_validate_json(raw)) for raw in batch["item"]]
