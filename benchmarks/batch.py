@@ -14,8 +14,10 @@ Runs, all in this process's run, on the same cohort:
   (started once; its start-up is reported apart and not counted in the runs).
 
 Printed: wall time, slides per hour, the ratio to the sequential loop, the scaling from 1 to 2
-workers, where each slide's time goes (reading tiles against encoding them), and a projection
-to N workers with its assumptions. About 4 minutes on 2 cores:
+workers, where a slide's time goes (reading tiles on one core, encoding them, the driver's
+recording of each result), and a projection to N GPU workers. The projection is arithmetic on
+those measured costs plus stated assumptions (``--tiles-per-slide``, ``--gpu-tiles-per-second``,
+``--cores-per-worker``); nothing in it was run on a GPU here. About 6 minutes on 2 cores:
 
     python benchmarks/batch.py [--copies 2] [--json out.json]
 """
@@ -35,6 +37,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from histopilot.batch import BatchOptions, run_cohort
+from histopilot.batch.store import CohortStore
 from histopilot.config import HistopilotConfig
 from histopilot.retrieval.encoders import load_encoder
 from histopilot.retrieval.features import embed_slide
@@ -80,32 +83,67 @@ def sequential(rows, out: Path) -> float:
     return time.perf_counter() - started
 
 
-def read_share(rows) -> tuple[float, float, int]:
-    """Seconds spent reading and tiling (no encoder), seconds encoding, and tiles, per slide
-    of the cohort's first copy."""
+def costs_per_tile(rows) -> dict[str, float]:
+    """Seconds per tile for reading and tiling on one core (no encoder) and for the offline
+    encoder, over the cohort's first copy."""
     encoder = load_encoder("offline")
     reading = encoding = 0.0
     tiles = 0
-    firsts = rows[: len(SLIDES)]
-    for _ident, path, mpp in firsts:
+    for _ident, path, mpp in rows[: len(SLIDES)]:
         with open_slide(path, mpp=mpp) as slide:
             started = time.perf_counter()
             grid = tile_grid(slide, mpp=encoder.mpp, tile_size=encoder.tile_size, min_tissue=0.5)
-            batches = list(iter_tiles(slide, grid, batch_size=64))
+            batches = list(iter_tiles(slide, grid, batch_size=64, workers=1))
             reading += time.perf_counter() - started
             started = time.perf_counter()
             for batch in batches:
                 encoder.encode_images(batch.images, batch_size=64)
             encoding += time.perf_counter() - started
             tiles += len(grid)
-    count = len(firsts)
-    return reading / count, encoding / count, tiles // count
+    return {"read_one_core": reading / tiles, "encode_offline": encoding / tiles, "tiles": tiles}
+
+
+class TimedRecording:
+    """Adds up the driver's time in ``CohortStore.record`` (results, files, index inserts):
+    the part of a cohort run that does not spread over workers."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self._record = CohortStore.record
+
+    def __enter__(self) -> TimedRecording:
+        def timed(store, item, outcome):
+            started = time.perf_counter()
+            self._record(store, item, outcome)
+            self.seconds += time.perf_counter() - started
+
+        CohortStore.record = timed
+        return self
+
+    def __exit__(self, *exc) -> None:
+        CohortStore.record = self._record
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--copies", type=int, default=2, help="Copies of each slide.")
     parser.add_argument("--json", type=Path, help="Also write the figures here.")
+    parser.add_argument(
+        "--tiles-per-slide",
+        type=int,
+        default=10_000,
+        help="Projection: tissue tiles of a slide (a 20x resection, 224-px tiles at 0.5 µm/px).",
+    )
+    parser.add_argument(
+        "--gpu-tiles-per-second",
+        type=float,
+        default=466.0,
+        help="Projection: one GPU's encoder throughput (ViT-B/16 end to end, measured once on "
+        "an H200; docs/performance.md).",
+    )
+    parser.add_argument(
+        "--cores-per-worker", type=int, default=8, help="Projection: CPU cores beside each GPU."
+    )
     args = parser.parse_args()
 
     import ray
@@ -121,9 +159,12 @@ def main() -> None:
     figures["sequential"] = {"workers": 1, "seconds": seconds}
 
     for workers in (1, 2):
-        summary = run_cohort([manifest], options, work / f"local-{workers}", workers=workers)
+        with TimedRecording() as recording:
+            summary = run_cohort([manifest], options, work / f"local-{workers}", workers=workers)
         assert summary.done == slides, summary.items
         figures[f"local-{workers}"] = {"workers": workers, "seconds": summary.seconds}
+    indexed_tiles = len(PatchIndex.open(work / "local-2" / "index"))
+    driver_per_tile = recording.seconds / indexed_tiles
 
     started = time.perf_counter()
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
@@ -157,25 +198,32 @@ def main() -> None:
     ray_over_local = figures["ray-2"]["seconds"] / figures["local-2"]["seconds"]
     print(f"ray / local at 2 workers: {ray_over_local:.2f}× the time")
 
-    reading, encoding, tiles = read_share(rows)
-    per_slide = figures["local-1"]["seconds"] / slides
+    cost = costs_per_tile(rows)
     print(
-        f"\nper slide, one worker: {per_slide:.2f} s in the batch; {tiles} tiles, "
-        f"{reading:.2f} s reading and tiling, {encoding:.2f} s encoding (offline encoder)"
+        f"\nper tile: {1000 * cost['read_one_core']:.2f} ms reading and tiling on one core, "
+        f"{1000 * cost['encode_offline']:.2f} ms in the offline encoder, "
+        f"{1000 * driver_per_tile:.3f} ms recording in the driver ({indexed_tiles} tiles indexed)"
     )
-    efficiency = scaling["local"] / 2
+
+    # Projection: a GPU worker encodes at --gpu-tiles-per-second while its cores read tiles in
+    # parallel (the slower of the two sets its pace); the driver records results one at a time.
+    tiles, gpu_rate = args.tiles_per_slide, args.gpu_tiles_per_second
+    read_rate = args.cores_per_worker / cost["read_one_core"]
+    worker_seconds = tiles / min(gpu_rate, read_rate)
+    driver_cap = 3600 / (tiles * driver_per_tile)
     print(
-        "\nprojection (assumptions: each worker a GPU or core set of its own with the per-slide "
-        f"cost measured here; the 1 → 2 worker efficiency ({efficiency:.2f}) holds per doubling; "
-        "storage and the driver keep up):"
+        f"\nprojection for {tiles:,} tiles a slide: a worker with one GPU ({gpu_rate:g} tiles/s, "
+        f"assumed) and {args.cores_per_worker} cores ({read_rate:,.0f} tiles/s read, measured "
+        f"per core here) takes {worker_seconds:.0f} s a slide; the driver records at most "
+        f"{driver_cap:,.0f} slides/hour."
     )
-    print("| workers | slides/hour | slides/day |\n|---:|---:|---:|")
+    print("| GPU workers | slides/hour | slides/day | limited by |\n|---:|---:|---:|---|")
     projection = {}
     for workers in (1, 2, 4, 8, 16, 32, 64):
-        doublings = max(0.0, (workers.bit_length() - 1))
-        rate = figures["local-1"]["slides_per_hour"] * workers * efficiency**doublings
+        rate = min(workers * 3600 / worker_seconds, driver_cap)
         projection[workers] = rate
-        print(f"| {workers} | {rate:,.0f} | {24 * rate:,.0f} |")
+        limit = "driver" if rate == driver_cap else ("reading" if read_rate < gpu_rate else "GPU")
+        print(f"| {workers} | {rate:,.0f} | {24 * rate:,.0f} | {limit} |")
 
     if args.json:
         args.json.write_text(
@@ -185,8 +233,13 @@ def main() -> None:
                     "runs": figures,
                     "ray_start_seconds": ray_start,
                     "scaling": scaling,
-                    "per_slide": {"reading": reading, "encoding": encoding, "tiles": tiles},
-                    "projection": projection,
+                    "per_tile": cost | {"driver": driver_per_tile},
+                    "projection": {
+                        "tiles_per_slide": tiles,
+                        "gpu_tiles_per_second": gpu_rate,
+                        "cores_per_worker": args.cores_per_worker,
+                        "slides_per_hour": projection,
+                    },
                 },
                 indent=2,
             )

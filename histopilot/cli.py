@@ -1697,6 +1697,14 @@ def batch(
     gpus_per_worker: Annotated[
         float, typer.Option("--gpus-per-worker", min=0.0, help="ray: GPUs each worker holds.")
     ] = 0.0,
+    cpus_per_worker: Annotated[
+        float,
+        typer.Option(
+            "--cpus-per-worker",
+            min=0.1,
+            help="ray: CPUs each worker holds (tile reading and the offline encoder run on them).",
+        ),
+    ] = 1.0,
     shards: Shards = 1,
     schema: SchemaOption = "auto",
     question: Question = None,
@@ -1708,6 +1716,8 @@ def batch(
 ) -> None:
     """Run one task over a cohort of slides or reports: one result per item in OUT/results,
     a summary of done / failed / skipped, and finished items skipped when run again."""
+    from pydantic import ValidationError
+
     from histopilot.batch import ENGINES, TASKS, BatchOptions, run_cohort
 
     if task not in TASKS:
@@ -1715,14 +1725,19 @@ def batch(
     if engine not in ENGINES:
         raise HistopilotError(f"--engine must be one of {', '.join(ENGINES)}, not {engine!r}.")
     agents = {"budget": budget, "trajectories": trajectories}
-    options = BatchOptions(
-        task=task,
-        config=load_config(config, profile=profile),
-        schema_name=schema,
-        question=question,
-        agents={key: value for key, value in agents.items() if value is not None},
-        shards=shards,
-    )
+    try:
+        options = BatchOptions(
+            task=task,
+            config=load_config(config, profile=profile),
+            schema_name=schema,
+            question=question,
+            agents={key: value for key, value in agents.items() if value is not None},
+            shards=shards,
+        )
+    except ValidationError as error:
+        raise HistopilotError(
+            "; ".join(e["msg"].removeprefix("Value error, ") for e in error.errors())
+        ) from None
 
     def heard(item, outcome) -> None:
         if outcome.status == "done":
@@ -1739,6 +1754,7 @@ def batch(
         workers=workers,
         address=address,
         gpus_per_worker=gpus_per_worker,
+        cpus_per_worker=cpus_per_worker,
         on_outcome=heard,
     )
     if as_json:

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 
 from histopilot.batch import BatchOptions, run_cohort
@@ -55,13 +55,32 @@ def ray_cluster():
     ray.shutdown()
 
 
-def killing_the_first_worker(heard: list[str]):
-    """An outcome callback that kills the worker process of the first outcome (which is then
-    taking its next item) and notes every item reported."""
+def worker_processes(engine: str) -> list[psutil.Process]:
+    if engine == "local":  # the pool's spawned processes
+        candidates = psutil.Process().children(recursive=True)
+    else:  # Ray names its actor processes after the actor class
+        candidates = list(psutil.process_iter())
+    found = []
+    for process in candidates:
+        try:
+            command = " ".join(process.cmdline())
+        except psutil.Error:
+            continue
+        if ("spawn_main" in command) if engine == "local" else ("CohortActor" in command):
+            found.append(process)
+    return found
+
+
+def killing_a_busy_worker(heard: list[str], engine: str):
+    """An outcome callback that, on the first outcome, kills another worker, one still busy
+    with its first item, and notes every item reported."""
 
     def heard_of(item, outcome) -> None:
         if not heard:
-            os.kill(int(outcome.worker.rsplit(":", 1)[1]), signal.SIGKILL)
+            reporter = int(outcome.worker.rsplit(":", 1)[1])
+            busy = [p for p in worker_processes(engine) if p.pid != reporter]
+            assert busy, "no other worker to kill"
+            busy[0].kill()
         heard.append(item.id)
 
     return heard_of
@@ -78,7 +97,7 @@ def local_run(manifest, options, tmp_path_factory):
         out,
         engine="local",
         workers=2,
-        on_outcome=killing_the_first_worker(heard),
+        on_outcome=killing_a_busy_worker(heard, "local"),
     )
     return out, summary, heard
 
@@ -121,14 +140,6 @@ def test_local_engine_indexes_the_cohort_and_records_each_failure(local_run):
     assert rows[0] == "id,status,seconds,worker,error" and len(rows) == 7
 
 
-def test_rerun_skips_finished_items_and_retries_failed_ones(local_run, manifest, options):
-    out, _, _ = local_run
-    written = {p.name: p.stat().st_mtime_ns for p in (out / "results").iterdir()}
-    again = run_cohort([manifest], options, out, engine="local", workers=2)
-    assert (again.done, again.failed, again.skipped) == (0, 2, 4)
-    assert {p.name: p.stat().st_mtime_ns for p in (out / "results").iterdir()} == written
-
-
 def test_ray_engine_gives_the_same_results_and_survives_a_killed_worker(
     ray_cluster, local_run, manifest, options, tmp_path
 ):
@@ -140,7 +151,7 @@ def test_ray_engine_gives_the_same_results_and_survives_a_killed_worker(
         tmp_path / "ray",
         engine="ray",
         workers=2,
-        on_outcome=killing_the_first_worker(heard),
+        on_outcome=killing_a_busy_worker(heard, "ray"),
     )
     assert sorted(heard) == sorted(DONE | FAILED)  # Ray replaced the actor and retried its item
     assert (summary.done, summary.failed, summary.workers) == (4, 2, 2)
@@ -149,6 +160,28 @@ def test_ray_engine_gives_the_same_results_and_survives_a_killed_worker(
     assert ray_vectors.keys() == local_vectors.keys() == DONE
     for slide in DONE:
         np.testing.assert_array_equal(ray_vectors[slide], local_vectors[slide])
+
+
+def test_rerun_skips_finished_items_retries_failed_ones_and_redoes_changed_ones(
+    local_run, manifest, options, wsi_dir, tmp_path
+):
+    out, _, _ = local_run
+    written = {p.name: p.stat().st_mtime_ns for p in (out / "results").iterdir()}
+    moved = tmp_path / "kidney-rescanned.tif"  # the id now names another file
+    moved.write_bytes((wsi_dir / "idr0073-kidney-48-5-ihc-thumbnail.tif").read_bytes())
+    changed = tmp_path / "changed.csv"
+    changed.write_text(
+        manifest.read_text().replace(f"{wsi_dir}/idr0073-kidney-48-5-ihc-thumbnail.tif", str(moved))
+    )
+    third = run_cohort([changed], options, out, engine="local", workers=2)
+    assert (third.done, third.failed, third.skipped) == (1, 2, 3)
+    assert results(out)["kidney"]["input"]["path"] == str(moved)
+    unchanged = {p.name: p.stat().st_mtime_ns for p in (out / "results").iterdir()}
+    assert {name: unchanged[name] for name in written if name != "kidney.json"} == {
+        name: stamp for name, stamp in written.items() if name != "kidney.json"
+    }
+    slides = {e.slide_id: e.slide_path for e in PatchIndex.open(out / "index").slides()}
+    assert slides["kidney"] == str(moved) and len(slides) == 4
 
 
 def test_a_killed_run_resumes_where_it_stopped(manifest, tmp_path, options):
@@ -198,6 +231,13 @@ def test_extract_task_reads_reports_from_a_manifest(test_data, tmp_path):
     extracted = results(tmp_path / "out")["r0"]["result"]
     assert extracted["schema"] and "pT" in json.dumps(extracted["fields"])
 
+    lines = manifest.read_text().splitlines()
+    lines[1] = json.dumps({"id": "r1", "text": "Addendum: margins negative. " + rows[1]["text"]})
+    manifest.write_text("\n".join(lines) + "\n")  # one report edited: only it runs again
+    again = run_cohort([manifest], options, tmp_path / "out", engine="local", workers=1)
+    assert (again.done, again.skipped) == (1, 2)
+    assert [row["id"] for row in again.items if row["status"] == "done"] == ["r1"]
+
 
 def test_analyze_task_writes_a_report_per_slide(wsi_dir, options, tmp_path):
     analyze = options.model_copy(
@@ -217,13 +257,13 @@ def test_hostile_and_broken_manifest_rows_are_rejected_with_reasons(tmp_path, ws
     slide = wsi_dir / "CMU-1-Small-Region.svs"
     manifest = tmp_path / "m.csv"
     manifest.write_text(
-        f"path,id,mpp\n{slide},../../etc/passwd,\n{slide},a,\n{slide},a,\n{slide},b,-3\n,c,\n"
+        f"path,id,mpp\n{slide},../../etc/passwd,\n{slide},a,\n{slide},A,\n{slide},b,-3\n,c,\n"
     )
     cohort = read_cohort([manifest], "index")
     assert [item.id for item in cohort.items] == ["a"]
     reasons = {rejected.id: rejected.reason for rejected in cohort.rejected}
     assert "letters, digits" in reasons["../../etc/passwd"]
-    assert "already used" in reasons["a"] and "not a resolution" in reasons["b"]
+    assert "already used" in reasons["A"] and "not a resolution" in reasons["b"]
     assert "names no file" in reasons["c"]
     wrong = tmp_path / "wrong.csv"
     wrong.write_text("slide_file\nx.svs\n")

@@ -13,6 +13,7 @@ from histopilot.batch.engines import Engine, run_engine
 from histopilot.batch.manifest import CohortItem, read_cohort
 from histopilot.batch.store import CohortStore
 from histopilot.batch.tasks import BatchOptions, Outcome
+from histopilot.errors import HistopilotError
 
 Progress = Callable[[CohortItem, Outcome], None]
 
@@ -43,6 +44,7 @@ def run_cohort(
     workers: int | None = None,
     address: str | None = None,
     gpus_per_worker: float = 0.0,
+    cpus_per_worker: float = 1.0,
     on_outcome: Progress | None = None,
 ) -> BatchSummary:
     """Run ``options.task`` over every slide or report in ``sources``, writing into ``out``.
@@ -68,7 +70,13 @@ def run_cohort(
             todo.append(item)
 
     def record(item: CohortItem, outcome: Outcome) -> None:
-        store.record(item, outcome)
+        try:
+            store.record(item, outcome)
+        except HistopilotError as error:  # e.g. a full disk: this item fails, the run goes on
+            outcome = outcome.model_copy(
+                update={"status": "failed", "error": f"its result could not be saved: {error}"}
+            )
+            store.record(item, outcome)
         rows[item.id] = {
             "id": item.id,
             "status": outcome.status,
@@ -89,8 +97,10 @@ def run_cohort(
             on_outcome=record,
             address=address,
             gpus_per_worker=gpus_per_worker,
+            cpus_per_worker=cpus_per_worker,
         )
     finally:
+        store.close()
         summary = _summary(options, engine, out, used, rows, cohort.rejected, started)
         store.write_summary(summary.items, summary.model_dump(exclude={"items"}))
     return summary

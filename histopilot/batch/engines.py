@@ -18,6 +18,8 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -27,9 +29,11 @@ from typing import Any, Literal
 
 from histopilot.batch.manifest import CohortItem
 from histopilot.batch.tasks import BatchOptions, CohortWorker, Outcome
-from histopilot.errors import ConfigError
+from histopilot.errors import ConfigError, HistopilotError
 
 Engine = Literal["local", "ray"]
+#: Retries of an item whose Ray actor died (Ray restarts the actor each time).
+RAY_RETRIES = 2
 ENGINES: tuple[Engine, ...] = ("local", "ray")
 OnOutcome = Callable[[CohortItem, Outcome], None]
 log = logging.getLogger(__name__)
@@ -41,6 +45,7 @@ def run_local(
     """Process ``items`` on ``workers`` processes of this machine."""
     waiting = deque(items)
     suspects: deque[CohortItem] = deque()  # held by a process that died: each retried alone
+    deaths_alone = 0  # in a row: workers that die whatever they are given
     threads = max(1, (os.cpu_count() or 1) // workers)
     while waiting or suspects:
         running: dict[Future, CohortItem] = {}
@@ -50,18 +55,26 @@ def run_local(
                 while waiting or suspects or running:
                     if suspects and not running:
                         alone = suspects.popleft()
-                        running[pool.submit(_work, alone)] = alone
+                        running[_submit(pool, alone, suspects)] = alone
                     while not suspects and alone is None and waiting and len(running) < workers:
                         item = waiting.popleft()
-                        running[pool.submit(_work, item)] = item
+                        running[_submit(pool, item, waiting)] = item
                     done, _ = wait(running, return_when=FIRST_COMPLETED)
                     for future in done:
                         outcome = future.result()
                         on_outcome(running.pop(future), outcome)
-                    alone = None
+                    alone, deaths_alone = None, 0
             except BrokenProcessPool:
-                if alone is not None:
+                if alone is not None and alone in running.values():
                     on_outcome(alone, _died(alone))
+                    deaths_alone += 1
+                    if deaths_alone >= MAX_DEATHS_IN_A_ROW:
+                        raise HistopilotError(
+                            f"{deaths_alone} worker processes in a row died, each on a "
+                            "different item: the workers cannot run here (see the log above for "
+                            "the first error, e.g. a model that does not load or too little "
+                            "memory). Finished items are kept; rerun to go on."
+                        ) from None
                 else:
                     suspects.extend(running.values())
                     log.warning(
@@ -70,13 +83,26 @@ def run_local(
                     )
 
 
-def _died(item: CohortItem) -> Outcome:
+#: Items in a row whose worker died on them alone before the run gives up on the workers.
+MAX_DEATHS_IN_A_ROW = 3
+
+
+def _submit(pool: ProcessPoolExecutor, item: CohortItem, source: deque) -> Future:
+    """Submit ``item``; if the pool broke meanwhile, it goes back to ``source`` first."""
+    try:
+        return pool.submit(_work, item)
+    except BrokenProcessPool:
+        source.appendleft(item)
+        raise
+
+
+def _died(item: CohortItem, how: str = "on its own") -> Outcome:
     return Outcome(
         id=item.id,
         status="failed",
         seconds=0.0,
-        worker="local",
-        error="the worker process died while processing this item on its own (a crash in a "
+        worker="-",
+        error=f"the worker process died while processing this item {how} (a crash in a "
         "reader or model, or out of memory); check the file, or give the workers more memory",
     )
 
@@ -101,6 +127,15 @@ def _start_worker(options: BatchOptions, threads: int) -> None:
 
     torch.set_num_threads(threads)  # the machine's cores shared out, as Ray does
     _worker = CohortWorker(options)
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
+
+
+def _exit_with_parent(parent: int) -> None:
+    """A worker whose driver was killed exits too, instead of holding its models (and GPU
+    memory) as an orphan."""
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(1)
 
 
 def _work(item: CohortItem) -> Outcome:
@@ -154,8 +189,13 @@ def run_ray(
         # The options travel inside the class, not as constructor arguments in the object
         # store, so Ray can always rebuild an actor it restarts.
         worker_class = type("CohortActor", (_RayWorker,), {"options": pickle.dumps(options)})
+        # An item whose actor dies is retried on a new actor a few times, then its block is
+        # given up (every item is its own block), so one slide that crashes its reader cannot
+        # hold the run forever.
+        context.max_errored_blocks = len(items)
         outcomes = dataset.map_batches(
             worker_class,
+            max_task_retries=RAY_RETRIES,
             batch_size=1,
             concurrency=workers,
             num_cpus=cpus_per_worker,
@@ -163,7 +203,9 @@ def run_ray(
         )
         for row in outcomes.iter_rows():
             outcome: Outcome = pickle.loads(row["outcome"])
-            on_outcome(by_id[outcome.id], outcome)
+            on_outcome(by_id.pop(outcome.id), outcome)
+        for item in by_id.values():  # never came back: their actors died every time
+            on_outcome(item, _died(item, f"{RAY_RETRIES + 1} times"))
         return workers
     finally:
         if started_here:
@@ -194,6 +236,7 @@ def run_engine(
     on_outcome: OnOutcome,
     address: str | None = None,
     gpus_per_worker: float = 0.0,
+    cpus_per_worker: float = 1.0,
 ) -> int:
     """Run ``items`` on ``engine``; returns how many workers it used (0: nothing to do).
     Without ``workers``: one per core here, or on Ray as many as the cluster's CPUs (or GPUs,
@@ -201,8 +244,10 @@ def run_engine(
     items = list(items)
     if engine not in ENGINES:
         raise ConfigError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}.")
-    if engine == "local" and (address or gpus_per_worker):
-        raise ConfigError("--address and --gpus-per-worker are for the ray engine.")
+    if engine == "local" and (address or gpus_per_worker or cpus_per_worker != 1.0):
+        raise ConfigError(
+            "--address, --gpus-per-worker and --cpus-per-worker are for the ray engine."
+        )
     if not items:
         return 0
     if engine == "local":
@@ -216,4 +261,5 @@ def run_engine(
         on_outcome=on_outcome,
         address=address,
         gpus_per_worker=gpus_per_worker,
+        cpus_per_worker=cpus_per_worker,
     )

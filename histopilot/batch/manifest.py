@@ -12,6 +12,7 @@ cannot become items are returned as :class:`Rejected` with the reason; the run r
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import re
 from collections.abc import Iterator
@@ -85,17 +86,18 @@ def read_cohort(sources: list[Path], task: Task) -> Cohort:
         raise HistopilotError("give at least one manifest, folder, slide or report.")
     items: list[CohortItem] = []
     rejected: list[Rejected] = []
-    owners: dict[str, str] = {}
-    for source in sources:
+    owners: dict[str, str] = {}  # by case-folded id: results/A.json and a.json are one file
+    for source in sources:  # on case-insensitive file systems
         for entry in _entries(source, task):
+            key = entry.id.casefold()
             if isinstance(entry, Rejected):
                 rejected.append(entry)
-            elif entry.id in owners:
+            elif key in owners:
                 rejected.append(
-                    Rejected(id=entry.id, reason=f"the id is already used by {owners[entry.id]}")
+                    Rejected(id=entry.id, reason=f"the id is already used by {owners[key]}")
                 )
             else:
-                owners[entry.id] = entry.path or "an earlier row"
+                owners[key] = entry.path or f"the row of {entry.id!r}"
                 items.append(entry)
     return Cohort(items=items, rejected=rejected)
 
@@ -132,6 +134,11 @@ def _manifest_rows(manifest: Path, task: Task) -> Iterator[CohortItem | Rejected
             yield _row_item(row, number, manifest.parent, task)
     except TrainingDataError as error:
         raise HistopilotError(str(error).replace("training data", "manifest")) from error
+    except csv.Error as error:  # e.g. a cell longer than the CSV reader takes
+        raise HistopilotError(
+            f"the manifest {manifest} is not readable as CSV ({error}); give long reports as "
+            "files (a 'path' column) or in JSON lines."
+        ) from error
     for skipped in report.skipped:
         yield Rejected(id=f"{manifest.name}:{skipped.record}", reason=skipped.reason)
 

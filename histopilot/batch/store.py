@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,8 @@ from histopilot import __version__
 from histopilot.batch.manifest import CohortItem
 from histopilot.batch.tasks import BatchOptions, Outcome
 from histopilot.errors import OutputError, SearchIndexError
+from histopilot.retrieval.features import SlideFeatures
+from histopilot.retrieval.patch_index import METADATA, PatchIndex
 from histopilot.storage import atomic_file
 
 BATCH_FILE = "batch.json"
@@ -35,8 +38,14 @@ class CohortStore:
     def __init__(self, out: Path, options: BatchOptions) -> None:
         self.out = out
         self.options = options
-        self._index = None
+        self._index: PatchIndex | None = None
+        self._open = ExitStack()
         self._claim_folder()
+
+    def close(self) -> None:
+        """Save the cohort index's search structure (written once per run, not per slide)."""
+        self._open.close()
+        self._index = None
 
     def _claim_folder(self) -> None:
         """Refuse a folder that holds something else, or another task's or setting's results."""
@@ -70,12 +79,6 @@ class CohortStore:
             return False
         return stored.get("input") == _jsonable(item.fingerprint())
 
-    def result(self, item_id: str) -> dict[str, Any] | None:
-        try:
-            return json.loads(self._result_path(item_id).read_text("utf-8"))
-        except (OSError, ValueError):
-            return None
-
     # -- writing -------------------------------------------------------------------------
     def record(self, item: CohortItem, outcome: Outcome) -> None:
         """Write one item's outcome; a success replaces any earlier failure and vice versa."""
@@ -90,10 +93,17 @@ class CohortStore:
         }
         if outcome.status == "failed":
             self._result_path(item.id).unlink(missing_ok=True)
+            self._forget_outputs(item.id)  # nothing of an earlier success outlives it
             _write_json(failure, entry | {"error": outcome.error})
             return
         if outcome.features is not None:
-            self.patch_index(outcome).add_slide(outcome.features, label=item.label)
+            index = self.patch_index(outcome.features)
+            if any(
+                e.slide_id == item.id and e.slide_path != outcome.features.slide_path
+                for e in index.slides()
+            ):
+                index.remove_slides([item.id])  # the manifest moved this id to another file
+            index.add_slide(outcome.features, label=item.label)
         if outcome.files:
             folder = self.out / "analyses" / item.id
             for name, text in outcome.files.items():
@@ -102,28 +112,42 @@ class CohortStore:
         _write_json(self._result_path(item.id), entry | {"result": outcome.result})
         failure.unlink(missing_ok=True)
 
-    def patch_index(self, outcome: Outcome):
-        """The cohort's patch index, created with the first slide's encoder and dimension;
-        one left inconsistent by a killed run is rebuilt from its metadata table."""
-        from histopilot.retrieval.patch_index import METADATA, PatchIndex
+    def _forget_outputs(self, item_id: str) -> None:
+        shutil.rmtree(self.out / "analyses" / item_id, ignore_errors=True)
+        if self.options.task == "index" and (self.out / "index").is_dir():
+            index = self._open_index()
+            if index is not None and any(e.slide_id == item_id for e in index.slides()):
+                index.remove_slides([item_id])
 
-        if self._index is None:
-            path = self.out / "index"
-            if not (path / METADATA).is_file():
-                shutil.rmtree(path, ignore_errors=True)  # a creation cut short
-                features = outcome.features
-                self._index = PatchIndex.create(
-                    path,
+    def patch_index(self, features: SlideFeatures) -> PatchIndex:
+        """The cohort's patch index, created with the first slide's encoder and dimension."""
+        index = self._open_index()
+        if index is None:
+            shutil.rmtree(self.out / "index", ignore_errors=True)  # a creation cut short
+            index = self._hold(
+                PatchIndex.create(
+                    self.out / "index",
                     encoder=features.encoder,
                     dim=int(features.features.shape[1]),
                     shards=self.options.shards,
                 )
-            else:
-                try:
-                    self._index = PatchIndex.open(path)
-                except SearchIndexError:
-                    self._index = PatchIndex.open(path, check=False)
-                    self._index.rebuild()
+            )
+        return index
+
+    def _open_index(self) -> PatchIndex | None:
+        """The index as the last run left it; one whose search structure a killed run left
+        behind its table is rebuilt from the table."""
+        if self._index is None and (self.out / "index" / METADATA).is_file():
+            try:
+                opened = PatchIndex.open(self.out / "index")
+            except SearchIndexError:
+                opened = PatchIndex.open(self.out / "index", check=False)
+                opened.rebuild()
+            self._hold(opened)
+        return self._index
+
+    def _hold(self, index: PatchIndex) -> PatchIndex:
+        self._index = self._open.enter_context(index.deferred_saving())
         return self._index
 
     def write_summary(self, rows: list[dict[str, Any]], totals: dict[str, Any]) -> None:

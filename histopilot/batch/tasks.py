@@ -11,6 +11,8 @@ so it needs no shared file system and no two processes write one file.
 from __future__ import annotations
 
 import hashlib
+import itertools
+import json
 import logging
 import os
 import socket
@@ -19,17 +21,14 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from histopilot.batch.manifest import CohortItem, Task
-from histopilot.config import HistopilotConfig
+from histopilot.config import HistopilotConfig, RoleConfig
 from histopilot.errors import HistopilotError, first_line
 from histopilot.retrieval.features import SlideFeatures
 
 log = logging.getLogger(__name__)
-_NOT_IN_RESULTS = {
-    "config": {"server": True, "sources": True, "agents": {"checkpoints", "feature_cache"}}
-}
 
 
 class BatchOptions(BaseModel):
@@ -44,14 +43,52 @@ class BatchOptions(BaseModel):
     agents: dict[str, Any] = Field(
         default_factory=dict, description="analyze: [agents] settings replaced for this run."
     )
-    shards: int = Field(1, ge=1, description="index: shards of the cohort's patch index.")
+    shards: int = Field(1, ge=1, le=64, description="index: shards of the cohort's patch index.")
+
+    @field_validator("schema_name")
+    @classmethod
+    def _known_schema(cls, schema: str) -> str:
+        from histopilot.tools.extract import SCHEMA_CHOICES
+        from histopilot.tools.report.schemas import SCHEMA_ALIASES
+
+        if schema not in SCHEMA_CHOICES and schema not in SCHEMA_ALIASES:
+            choices = ", ".join([*SCHEMA_CHOICES, *SCHEMA_ALIASES])
+            raise ValueError(f"--schema {schema!r} is not a schema; choose one of {choices}")
+        return schema
 
     def digest(self) -> str:
-        """A hash of what the results depend on, so one folder never mixes results of two
-        settings. Where things are stored, how the server runs and where the settings came
-        from do not change a result, so they are left out."""
-        text = self.model_dump_json(exclude=_NOT_IN_RESULTS)
+        """A hash of the settings this task's results depend on, so one folder never mixes
+        results of two settings, while a change that cannot alter them (a timeout, a server
+        address, where caches live) leaves an earlier run's results usable."""
+        config = self.config
+        if self.task == "index":
+            relevant: dict[str, Any] = {"encoder": config.encoders.patch, "shards": self.shards}
+        elif self.task == "extract":
+            relevant = {"extractor": _model_settings(config.roles.extractor)}
+            relevant["schema"] = self.schema_name
+        else:
+            roles = ("orchestrator", "describer", "diagnoser", "reporter")
+            agents = config.agents.model_dump(mode="json", exclude={"checkpoints", "feature_cache"})
+            relevant = {
+                "roles": {role: _model_settings(config.roles[role]) for role in roles},
+                "encoder": config.encoders.patch,
+                "agents": agents | self.agents,
+                "question": self.question,
+            }
+        text = json.dumps({"digest": DIGEST_VERSION, "task": self.task, **relevant}, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+#: Bumped when what a digest covers changes.
+DIGEST_VERSION = 1
+
+
+def _model_settings(role: RoleConfig) -> dict[str, Any]:
+    """What in a role's settings changes its answers (not where or how long it is asked)."""
+    return role.model_dump(
+        mode="json",
+        include={"backend", "model", "adapter", "temperature", "top_p", "max_tokens", "seed"},
+    )
 
 
 class Outcome(BaseModel):
@@ -181,7 +218,13 @@ def _extract(worker: CohortWorker, item: CohortItem) -> TaskResult:
     if item.text is not None:
         report = checked_report(item.id, item.text)
     else:
-        report = next(iter(iter_reports([Path(item.path or "")])))
+        reports = list(itertools.islice(iter_reports([Path(item.path or "")]), 2))
+        if len(reports) != 1:
+            raise HistopilotError(
+                f"{item.path} holds {'no report' if not reports else 'several reports'}; "
+                "give one report per file, or list reports in a manifest with a 'text' column."
+            )
+        report = reports[0]
     if isinstance(report, Failure):
         raise HistopilotError(report.reason)
     schema, fields, warnings = extractor(report.text)
@@ -205,6 +248,4 @@ def _message(error: Exception) -> str:
 
 
 def _json(value: Any) -> str:
-    import json
-
     return json.dumps(value, indent=2, ensure_ascii=False) + "\n"

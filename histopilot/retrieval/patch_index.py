@@ -124,6 +124,22 @@ class PatchIndex:
 
     def __init__(self, path: Path, manifest: IndexManifest, index: faiss.Index) -> None:
         self.path, self.manifest, self._index = path, manifest, index
+        self._saving_deferred = False
+
+    @contextmanager
+    def deferred_saving(self) -> Iterator[PatchIndex]:
+        """Commit each write to the metadata table as usual, but save the search structure
+        once, at the end, instead of after every write: adding thousands of slides then costs
+        one FAISS file write, not one per slide. If the process dies first, the files disagree
+        on the count and ``open`` asks for a rebuild, which restores the structure from the
+        table (nothing committed is lost)."""
+        self._saving_deferred = True
+        try:
+            yield self
+        finally:
+            self._saving_deferred = False
+            with self._writing():
+                self._save_search_structure()
 
     # -- life cycle ----------------------------------------------------------------------
     @classmethod
@@ -469,6 +485,9 @@ class PatchIndex:
         self._save_search_structure()
 
     def _save_search_structure(self) -> None:
+        if self._saving_deferred:
+            self.manifest = self.manifest.model_copy(update={"count": int(self._index.ntotal)})
+            return
         write_index(self._index, self.path / VECTORS)
         self.manifest = self.manifest.model_copy(
             update={"count": int(self._index.ntotal), "updated": _now()}

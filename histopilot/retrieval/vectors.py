@@ -241,10 +241,12 @@ def _on_gpu(index: faiss.Index) -> faiss.Index:
     if index_kind(index) == "hnsw":
         return index
     if index not in _GPU_COPIES:
-        gpus = faiss.get_num_gpus()
+        resources = [faiss.StandardGpuResources() for _ in range(faiss.get_num_gpus())]
         try:
             copies = [
-                faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), number % gpus, part)
+                faiss.index_cpu_to_gpu(
+                    resources[number % len(resources)], number % len(resources), part
+                )
                 for number, part in enumerate(shard_parts(index))
             ]
             _GPU_COPIES[index] = copies[0] if len(copies) == 1 else _sharded(copies)

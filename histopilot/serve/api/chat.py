@@ -134,12 +134,13 @@ class ChatTurns:
         self.checkpointer = checkpointer
         self.registry = registry
         self._pool = pool
-        self._holder = f"{registry.replica}:{uuid.uuid4().hex[:8]}"  # this process's leases
 
     def session(self, slide: CatalogSlide, thread_id: str) -> ChatSession:
         return ChatSession(self.context, slide.path, self.checkpointer, thread_id=thread_id)
 
-    async def complete(self, slide: CatalogSlide, thread_id: str, text: str) -> ChatCompletion:
+    async def complete(
+        self, slide: CatalogSlide, thread_id: str, text: str, lease: str
+    ) -> ChatCompletion:
         """A whole answer, computed on the pool while the event loop waits for it."""
         progress: list[str] = []
 
@@ -147,7 +148,7 @@ class ChatTurns:
             if event.kind == "progress":
                 progress.append(event.text)
 
-        reply = await asyncio.wrap_future(self._submit(slide, thread_id, text, heard))
+        reply = await asyncio.wrap_future(self._submit(slide, thread_id, text, heard, lease))
         return ChatCompletion(
             id=_completion_id(),
             created=int(time.time()),
@@ -157,7 +158,9 @@ class ChatTurns:
             ),
         )
 
-    def stream(self, slide: CatalogSlide, thread_id: str, text: str) -> AsyncIterator[str]:
+    def stream(
+        self, slide: CatalogSlide, thread_id: str, text: str, lease: str
+    ) -> AsyncIterator[str]:
         """Server-sent events of OpenAI ``chat.completion.chunk`` objects, ending in [DONE].
 
         Call it on the event loop. The turn runs on a worker thread and finishes (and is
@@ -169,7 +172,7 @@ class ChatTurns:
         def put(kind: str, value: Any) -> None:
             loop.call_soon_threadsafe(events.put_nowait, (kind, value))
 
-        turn = self._submit(slide, thread_id, text, lambda event: put("event", event))
+        turn = self._submit(slide, thread_id, text, lambda event: put("event", event), lease)
 
         def finished(future: Future) -> None:
             if future.cancelled():
@@ -188,29 +191,32 @@ class ChatTurns:
         return _chunks(events, thread_id, slide.id)
 
     def _submit(
-        self, slide: CatalogSlide, thread_id: str, text: str, heard: EventCallback
+        self, slide: CatalogSlide, thread_id: str, text: str, heard: EventCallback, lease: str
     ) -> Future[ChatReply]:
-        """Run the turn on the pool; the thread is busy until it ends, however it ends."""
-        self._claim(thread_id)
+        """Run the turn on the pool; its lease on the thread ends with it, however it ends."""
         try:
             future = self._pool.submit(lambda: self.session(slide, thread_id).turn(text, heard))
         except RuntimeError:  # the pool is shutting down
-            self._release(thread_id)
+            self.release(thread_id, lease)
             raise
-        future.add_done_callback(lambda _: self._release(thread_id))
+        future.add_done_callback(lambda _: self.release(thread_id, lease))
         return future
 
-    def busy(self, thread_id: str) -> bool:
-        return self.registry.thread_busy(thread_id)
-
-    def _claim(self, thread_id: str) -> None:
-        if not self.registry.claim_thread(thread_id, self._holder):
+    def claim(self, thread_id: str) -> str:
+        """Take the thread for one turn (on every replica); returns the turn's lease. Blocking
+        (the registry may be a database across the network): call it off the event loop."""
+        lease = f"{self.registry.replica}:{uuid.uuid4().hex}"
+        if not self.registry.claim_thread(thread_id, lease):
             raise ThreadBusyError(
                 f"a turn is already running in thread {thread_id}; wait for its answer."
             )
+        return lease
 
-    def _release(self, thread_id: str) -> None:
-        self.registry.release_thread(thread_id, self._holder)
+    def release(self, thread_id: str, lease: str) -> None:
+        try:
+            self.registry.release_thread(thread_id, lease)
+        except Exception:  # the lease lapses on its own; the turn's answer still goes out
+            log.exception("could not release thread %s", thread_id)
 
 
 async def _chunks(

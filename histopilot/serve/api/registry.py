@@ -31,6 +31,8 @@ AnalysisState = Literal["queued", "running", "done", "failed", "interrupted"]
 FINISHED: frozenset[str] = frozenset({"done", "failed", "interrupted"})
 #: How long a chat turn holds its thread at most; a replica that dies mid-turn frees it then.
 TURN_LEASE_S = 15 * 60
+#: Connections to a shared database per replica: chat turns, analyses and requests at once.
+POOL_SIZE = 16
 
 _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS {threads} (
@@ -123,9 +125,7 @@ class Registry:
             self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
             self._db.row_factory = sqlite3.Row
             self._db.execute("PRAGMA journal_mode=WAL")
-        for statement in _SCHEMA:
-            self._run(statement)
-        self._add_missing_columns()
+        self._create_tables()
 
     def _run(self, sql: str, *args: Any) -> list[Mapping[str, Any]]:
         sql = self._dialect.sql(sql)
@@ -137,13 +137,24 @@ class Registry:
             cursor = self._db.execute(sql, args)
             return cursor.fetchall() if cursor.description else []
 
-    def _add_missing_columns(self) -> None:
-        for table, column, kind in _ADDED_COLUMNS:
-            name = getattr(self._dialect, table)
-            if self._dialect is _POSTGRES:
-                self._run(f"ALTER TABLE {name} ADD COLUMN IF NOT EXISTS {column} {kind}")
-            elif column not in {row["name"] for row in self._run(f"PRAGMA table_info({name})")}:
-                self._run(f"ALTER TABLE {name} ADD COLUMN {column} {kind}")
+    def _create_tables(self) -> None:
+        """The tables, and the columns later releases added. Replicas starting together on an
+        empty Postgres database take turns (``IF NOT EXISTS`` alone races there)."""
+        if self._pool is None:
+            for statement in _SCHEMA:
+                self._run(statement)
+            for table, column, kind in _ADDED_COLUMNS:
+                name = getattr(self._dialect, table)
+                if column not in {row["name"] for row in self._run(f"PRAGMA table_info({name})")}:
+                    self._run(f"ALTER TABLE {name} ADD COLUMN {column} {kind}")
+            return
+        with self._pool.connection() as connection, connection.transaction():
+            connection.execute("SELECT pg_advisory_xact_lock(hashtext('histopilot registry'))")
+            for statement in _SCHEMA:
+                connection.execute(self._dialect.sql(statement))
+            for table, column, kind in _ADDED_COLUMNS:
+                name = getattr(self._dialect, table)
+                connection.execute(f"ALTER TABLE {name} ADD COLUMN IF NOT EXISTS {column} {kind}")
 
     # -- threads ------------------------------------------------------------------------------
     def thread(self, owner: str, thread_id: str) -> ThreadRecord | None:
@@ -195,8 +206,8 @@ class Registry:
         )
 
     def release_turns_of_this_replica(self) -> int:
-        """Free the threads whose turns this replica held when it stopped (holders are named
-        ``<replica>:<process>``); returns how many."""
+        """Free the threads whose turns this replica held when it stopped (leases are named
+        ``<replica>:<turn>``); returns how many."""
         prefix = f"{self.replica}:"
         rows = self._run(
             "UPDATE {threads} SET busy_until = NULL, busy_by = NULL "
@@ -205,12 +216,6 @@ class Registry:
             prefix,
         )
         return len(rows)
-
-    def thread_busy(self, thread_id: str) -> bool:
-        rows = self._run(
-            "SELECT id FROM {threads} WHERE id = ? AND busy_until >= ?", thread_id, time.time()
-        )
-        return bool(rows)
 
     # -- analyses -----------------------------------------------------------------------------
     def add_analysis(
@@ -262,15 +267,20 @@ class Registry:
         self._run(self._dialect.append_progress, line, analysis_id)
 
     def interrupt_unfinished(self) -> int:
-        """Mark analyses this replica left running when it stopped as interrupted; returns how
-        many. (Analyses from before replicas were recorded count as this replica's.)"""
+        """Mark analyses left running by the last shutdown as interrupted; returns how many.
+
+        A SQLite registry belongs to one server, so every unfinished analysis was its own. In a
+        shared database only this replica's are (and those from before replicas were named).
+        """
+        shared = self._pool is not None
         rows = self._run(
             "UPDATE {analyses} SET status = 'interrupted', finished = ?, "
             "error = 'the server stopped while this analysis ran; start it again' "
-            "WHERE status IN ('queued', 'running') AND (replica = ? OR replica IS NULL) "
-            "RETURNING id",
+            "WHERE status IN ('queued', 'running') "
+            + ("AND (replica = ? OR replica IS NULL) " if shared else "")
+            + "RETURNING id",
             time.time(),
-            self.replica,
+            *((self.replica,) if shared else ()),
         )
         return len(rows)
 
@@ -294,18 +304,23 @@ def _postgres_pool(url: str):
     # Autocommit: each statement stands alone, as in the SQLite file. No prepared statements,
     # so the connections work behind a transaction-mode pooler such as PgBouncer.
     kwargs = {"autocommit": True, "row_factory": dict_row, "prepare_threshold": None}
+    pool = ConnectionPool(
+        url,
+        kwargs=kwargs,
+        min_size=1,
+        max_size=POOL_SIZE,
+        open=False,
+        timeout=30,
+        check=ConnectionPool.check_connection,
+    )
     try:
-        return ConnectionPool(
-            url,
-            kwargs=kwargs,
-            min_size=1,
-            max_size=4,
-            open=True,
-            timeout=30,
-            check=ConnectionPool.check_connection,
-        )
+        pool.open(wait=True, timeout=30)  # a wrong address or password is reported here
     except (OperationalError, PoolTimeout) as error:
-        raise ConfigError(f"cannot reach the server's Postgres database: {error}") from error
+        pool.close()
+        raise ConfigError(
+            f"cannot reach the server's Postgres database named in agents.checkpoints: {error}"
+        ) from error
+    return pool
 
 
 def _thread(row: Mapping[str, Any]) -> ThreadRecord:

@@ -72,7 +72,7 @@ def analysis_events(analysis_id: str, state: State, user: User) -> StreamingResp
     async def events() -> AsyncIterator[str]:
         sent = 0
         while True:
-            record = _own(state, user, analysis_id)
+            record = await run_in_threadpool(_own, state, user, analysis_id)
             for line in record.progress[sent:]:
                 yield f"event: progress\ndata: {json.dumps(line)}\n\n"
             sent = len(record.progress)
@@ -94,7 +94,7 @@ async def analysis_report(
     format: Annotated[ReportFormat, Query(description="md, html, json or fhir")] = ReportFormat.md,
 ) -> Response:
     """The report: the full draft in Markdown, or the synoptic report as HTML, JSON or FHIR."""
-    folder = _finished_folder(state, user, analysis_id)
+    folder = await run_in_threadpool(_finished_folder, state, user, analysis_id)
     if format is ReportFormat.md:
         text = (folder / "report.md").read_text(encoding="utf-8")
     else:

@@ -6,6 +6,7 @@ import uuid
 from typing import Any
 
 from fastapi import APIRouter
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 
 from histopilot.errors import HistopilotError
@@ -34,14 +35,19 @@ async def chat_completions(body: ChatRequest, state: State, user: User) -> ChatC
     if body.model != MODEL_ID:
         raise NotFoundError(f"model {body.model!r} is not served here; use {MODEL_ID!r}.")
     text = body.new_turn()
-    slide, thread_id = _slide_and_thread(state, user, body.metadata or {}, text)
+
+    def open_turn() -> tuple[CatalogSlide, str, str]:  # the registry may be across a network
+        slide, thread_id = _slide_and_thread(state, user, body.metadata or {}, text)
+        return slide, thread_id, state.chats.claim(thread_id)
+
+    slide, thread_id, lease = await run_in_threadpool(open_turn)
     if body.stream:
         return StreamingResponse(  # type: ignore[return-value]
-            state.chats.stream(slide, thread_id, text),
+            state.chats.stream(slide, thread_id, text, lease),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
-    return await state.chats.complete(slide, thread_id, text)
+    return await state.chats.complete(slide, thread_id, text, lease)
 
 
 def _slide_and_thread(

@@ -9,6 +9,7 @@ from pydantic import BaseModel
 
 from histopilot.agents.chat import cited_regions
 from histopilot.agents.report import cite
+from histopilot.serve.api.chat import ThreadBusyError
 from histopilot.serve.api.registry import ThreadRecord
 from histopilot.serve.api.state import ConflictError, NotFoundError, ServerState, State, User
 from histopilot.tools.report.document import Citation
@@ -44,9 +45,8 @@ def list_threads(state: State, user: User) -> ThreadList:
 
 @router.get("/{thread_id}")
 async def thread_history(thread_id: str, state: State, user: User) -> ThreadHistory:
-    record = _own_thread(state, user, thread_id)
-
     def read() -> ThreadHistory:
+        record = _own_thread(state, user, thread_id)
         saved = state.checkpointer.get_tuple({"configurable": {"thread_id": thread_id}})
         values = saved.checkpoint["channel_values"] if saved else {}
         regions = values.get("regions", {})
@@ -79,11 +79,22 @@ async def thread_history(thread_id: str, state: State, user: User) -> ThreadHist
 @router.delete("/{thread_id}", status_code=204, response_class=Response)
 async def delete_thread(thread_id: str, state: State, user: User) -> Response:
     """Delete the thread, its checkpoints and those of the analyses it ran."""
-    _own_thread(state, user, thread_id)
-    if state.chats.busy(thread_id):
-        raise ConflictError(f"a turn is running in thread {thread_id}; delete it when it ends.")
-    state.registry.delete_thread(user, thread_id)
-    await run_in_threadpool(_delete_checkpoints, state, thread_id)
+
+    def delete() -> None:
+        _own_thread(state, user, thread_id)
+        lease = state.chats.claim(thread_id)  # no turn may start while it goes
+        try:
+            state.registry.delete_thread(user, thread_id)
+            _delete_checkpoints(state, thread_id)
+        finally:
+            state.chats.release(thread_id, lease)
+
+    try:
+        await run_in_threadpool(delete)
+    except ThreadBusyError as error:
+        raise ConflictError(
+            f"a turn is running in thread {thread_id}; delete it when it ends."
+        ) from error
     return Response(status_code=204)
 
 
