@@ -20,6 +20,7 @@ import os
 import pickle
 import threading
 import time
+import warnings
 from collections import deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -193,14 +194,17 @@ def run_ray(
         # given up (every item is its own block), so one slide that crashes its reader cannot
         # hold the run forever.
         context.max_errored_blocks = len(items)
-        outcomes = dataset.map_batches(
-            worker_class,
-            max_task_retries=RAY_RETRIES,
-            batch_size=1,
-            concurrency=workers,
-            num_cpus=cpus_per_worker,
-            num_gpus=gpus_per_worker or None,
-        )
+        with warnings.catch_warnings():
+            # Ray 2.60 has no named parameter for retries yet and warns about the generic one.
+            warnings.filterwarnings("ignore", "`ray_remote_args` is deprecated")
+            outcomes = dataset.map_batches(
+                worker_class,
+                max_task_retries=RAY_RETRIES,
+                batch_size=1,
+                concurrency=workers,
+                num_cpus=cpus_per_worker,
+                num_gpus=gpus_per_worker or None,
+            )
         for row in outcomes.iter_rows():
             outcome: Outcome = pickle.loads(row["outcome"])
             on_outcome(by_id.pop(outcome.id), outcome)
