@@ -98,10 +98,7 @@ class CohortStore:
             return
         if outcome.features is not None:
             index = self.patch_index(outcome.features)
-            if any(
-                e.slide_id == item.id and e.slide_path != outcome.features.slide_path
-                for e in index.slides()
-            ):
+            if index.slide_path(item.id) not in (None, outcome.features.slide_path):
                 index.remove_slides([item.id])  # the manifest moved this id to another file
             index.add_slide(outcome.features, label=item.label)
         if outcome.files:
@@ -116,7 +113,7 @@ class CohortStore:
         shutil.rmtree(self.out / "analyses" / item_id, ignore_errors=True)
         if self.options.task == "index" and (self.out / "index").is_dir():
             index = self._open_index()
-            if index is not None and any(e.slide_id == item_id for e in index.slides()):
+            if index is not None and index.slide_path(item_id) is not None:
                 index.remove_slides([item_id])
 
     def patch_index(self, features: SlideFeatures) -> PatchIndex:

@@ -262,6 +262,15 @@ class PatchIndex:
             rows = db.execute(query).fetchall()
         return [SlideEntry(slide_id=a, slide_path=b, patches=c, label=d) for a, b, c, d in rows]
 
+    def slide_path(self, slide_id: str) -> str | None:
+        """The file a slide id stands for in the index, or None when it is not there (one
+        indexed lookup, unlike ``slides``, which counts every patch)."""
+        with self._db() as db:
+            row = db.execute(
+                "SELECT slide_path FROM patches WHERE slide_id = ? LIMIT 1", (slide_id,)
+            ).fetchone()
+        return row[0] if row else None
+
     def labels(self) -> list[tuple[str, str | None, int]]:
         """Each patch label in the index with its caption (the label's full name, when one was
         given) and how many patches carry it."""
