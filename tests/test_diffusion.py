@@ -256,7 +256,7 @@ def test_image_tools_write_files_people_can_open(trained, tmp_path, test_data):
     )
     assert read_rgb(changed["image"]).shape == (32, 32, 3)
     assert (
-        "TUM" in changed["summary"]["probabilities_after"] and "not a finding" in changed["notice"]
+        "TUM" in changed["summary"]["probabilities_after"] and "never evidence" in changed["notice"]
     )
     assert tools["normalize_stain"].invoke({"slide_path": str(slide)}).startswith("error:")
 

@@ -13,8 +13,16 @@ from pydantic import BaseModel, ConfigDict, Field
 Modality = Literal["brightfield", "fluorescence"]
 ReaderName = Literal["openslide", "dicom", "tifffile", "pillow"]
 
-#: Associated images that may show patient identifiers (barcode labels, handwriting).
-PROTECTED_ASSOCIATED_IMAGES = frozenset({"label"})
+#: Associated images that may show patient identifiers: the label (barcode, handwriting) and
+#: photos of the whole glass, label included ("macro"; DICOM calls it "overview"). A name that
+#: contains one of these words ("Label Image", "slide_macro") is protected too.
+PROTECTED_ASSOCIATED_IMAGES = frozenset({"label", "macro", "overview"})
+
+
+def is_protected_image(name: str) -> bool:
+    """Whether the associated image ``name`` may show patient identifiers."""
+    lowered = name.lower()
+    return any(word in lowered for word in PROTECTED_ASSOCIATED_IMAGES)
 
 
 class MPP(BaseModel):
@@ -64,10 +72,15 @@ class SlideInfo(BaseModel):
     modality: Modality
     channels: list[str] = Field(description="channel names: R,G,B for brightfield RGB")
     associated_images: list[str] = Field(
-        description="names of associated images (thumbnail, macro, label); the label can "
-        "carry patient data and is only read when asked for explicitly"
+        description="names of associated images (thumbnail, macro, label); the label and the "
+        "macro can show patient identifiers and are only read when asked for explicitly"
     )
     file_size_bytes: int
     notes: list[str] = Field(
         default_factory=list, description="repairs applied to non-conformant files"
+    )
+    generated: str | None = Field(
+        default=None,
+        description="what made the image when a model did (a virtual stain, a counterfactual); "
+        "such an image is never evidence",
     )

@@ -12,8 +12,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 from PIL import Image
+from PIL.PngImagePlugin import PngInfo
 
 from histopilot.errors import OutputError
+from histopilot.slide.readers.base import GENERATED_KEY
 from histopilot.slide.tissue import TissueMask
 from histopilot.storage import atomic_file
 
@@ -111,14 +113,22 @@ def heatmap_colours(values: np.ndarray) -> np.ndarray:
     return np.dstack([colours, np.where(known, 255, 0).astype(np.uint8)])
 
 
-def save_png(image: np.ndarray, path: str | Path) -> Path:
-    """Write an RGB (or boolean mask) array as PNG, creating the folder; all or nothing."""
+def save_png(image: np.ndarray, path: str | Path, *, generated: str | None = None) -> Path:
+    """Write an RGB (or boolean mask) array as PNG, creating the folder; all or nothing.
+
+    ``generated`` says what model made the image; it goes into the file as a text chunk, so
+    histopilot opening the file later knows it for a generated image, never evidence.
+    """
     path = Path(path)
     if image.dtype == bool:
         image = image.astype(np.uint8) * 255
+    info = None
+    if generated is not None:
+        info = PngInfo()
+        info.add_text(GENERATED_KEY, generated)
     with atomic_file(path) as tmp:
         try:
-            Image.fromarray(image).save(tmp, format="PNG")
+            Image.fromarray(image).save(tmp, format="PNG", pnginfo=info)
         except ValueError as error:
             raise OutputError(f"cannot write {path}: {error}") from error
     return path

@@ -19,13 +19,7 @@ import numpy as np
 
 from histopilot.errors import MissingMPPError, NotBrightfieldError, RegionError
 from histopilot.slide.magnification import plan_read
-from histopilot.slide.models import (
-    MPP,
-    PROTECTED_ASSOCIATED_IMAGES,
-    LevelInfo,
-    Modality,
-    SlideInfo,
-)
+from histopilot.slide.models import MPP, LevelInfo, Modality, SlideInfo, is_protected_image
 from histopilot.slide.readers import SlideReader, open_reader
 
 #: Largest region returned by one read (RGB, ~300 MB). Larger areas go through the tiler.
@@ -130,6 +124,7 @@ class Slide:
             associated_images=meta.associated_images,
             file_size_bytes=self.path.stat().st_size,
             notes=meta.notes,
+            generated=meta.generated,
         )
 
     def require_mpp(self, purpose: str) -> float:
@@ -233,15 +228,17 @@ class Slide:
         return out, width0 / out_w
 
     def associated_image(self, name: str, *, allow_protected: bool = False) -> np.ndarray:
-        """An associated image by name. The label is refused unless explicitly allowed."""
+        """An associated image by name. The label and macro images are refused unless
+        explicitly allowed: they can show the patient's name and record number."""
         names = self.reader.metadata.associated_images
         if name not in names:
             available = ", ".join(names) or "none"
             raise RegionError(f"{self.path.name} has no '{name}' image (available: {available}).")
-        if name in PROTECTED_ASSOCIATED_IMAGES and not allow_protected:
+        if is_protected_image(name) and not allow_protected:
             raise RegionError(
-                f"The '{name}' image can show patient identifiers and is not shown by default. "
-                "Ask for it explicitly (allow_protected=True / --allow-label) if you need it."
+                f"The '{name}' image can show patient identifiers (the slide label) and is not "
+                "read by default. Ask for it explicitly with "
+                f"Slide.associated_image({name!r}, allow_protected=True) if you need it."
             )
         return self.reader.associated_image(name)
 

@@ -20,7 +20,7 @@ from histopilot.errors import RegionError
 from histopilot.retrieval.tools import structured_tool
 from histopilot.slide import open_slide
 from histopilot.slide.render import save_png
-from histopilot.tools.images import read_rgb, side_by_side
+from histopilot.tools.images import GENERATED_NOTICE, read_rgb, side_by_side
 
 MAX_BOX = 4096  # level-0 pixels on a side: larger boxes are views, not tiles
 
@@ -94,7 +94,8 @@ class CounterfactualResult(BaseModel):
     image: str
     side_by_side: str = Field(description="Source, counterfactual and difference heatmap")
     summary: dict
-    notice: str = "Generated image: illustrates what the classifier responds to; not a finding."
+    virtual: bool = True
+    notice: str = GENERATED_NOTICE + " It illustrates what the classifier responds to."
 
 
 def image_tools(
@@ -151,8 +152,11 @@ def _counterfactual_tool(model_path: str, classifier_path: str, oracle_path, out
             model, classifier, tile[None], request.target_class, oracle=oracle
         )
         stem = outputs / request.stem()  # the stem covers the target class too
-        image = save_png(result.image, stem.with_name(stem.name + ".png"))
-        panel = save_png(_enlarged(result.panel()), stem.with_name(stem.name + "-compare.png"))
+        made = f"counterfactual toward {request.target_class} (diffusion model {model_path})"
+        image = save_png(result.image, stem.with_name(stem.name + ".png"), generated=made)
+        panel = save_png(
+            _enlarged(result.panel()), stem.with_name(stem.name + "-compare.png"), generated=made
+        )
         return CounterfactualResult(
             image=str(image), side_by_side=str(panel), summary=result.summary()
         )

@@ -17,6 +17,11 @@ from PIL import Image, UnidentifiedImageError
 
 from histopilot.errors import ImageInputError
 
+GENERATED_NOTICE = (
+    "Generated image (virtual): made by a model, never evidence of a stain or a finding."
+)
+"""Goes with every image a model makes, beside the mark inside the file
+(:func:`histopilot.slide.render.save_png` with ``generated=``)."""
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp"})
 MAX_PIXELS = 64_000_000  # larger images are slide regions: read them through the slide layer
 MIN_SIDE = 8  # below this there is nothing to estimate a stain from

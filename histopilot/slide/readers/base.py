@@ -19,6 +19,11 @@ from histopilot.slide.models import Modality, ReaderName
 PLAUSIBLE_MPP_RANGE = (0.02, 100.0)
 
 
+GENERATED_KEY = "histopilot-generated"
+"""Metadata key (a PNG text chunk) histopilot writes into every image a model made, so the
+image is known for what it is wherever it goes: a virtual stain is never evidence of a stain."""
+
+
 @dataclass
 class ReaderMetadata:
     """What a reader found in the file's header."""
@@ -35,6 +40,8 @@ class ReaderMetadata:
     associated_images: list[str] = field(default_factory=list)
     #: Repairs or oddities the reader applied that a user should know about.
     notes: list[str] = field(default_factory=list)
+    #: What made the image when a model did (histopilot marks what it generates).
+    generated: str | None = None
 
 
 class SlideReader(ABC):

@@ -6,13 +6,19 @@ image-editor defaults, so no resolution is read from them: users pass ``--slide-
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from histopilot.errors import CorruptSlideError, RegionError
-from histopilot.slide.readers.base import ReaderMetadata, SlideReader, crop_padded
+from histopilot.slide.readers.base import (
+    GENERATED_KEY,
+    ReaderMetadata,
+    SlideReader,
+    crop_padded,
+)
 
 #: Pillow's own decompression-bomb guard, raised to what a slide-sized image can be.
 MAX_IMAGE_PIXELS = 1_000_000_000
@@ -34,14 +40,21 @@ class PillowReader(SlideReader):
             )
         self._image = image
         self._pixels: np.ndarray | None = None
+        # Overviews read strips on several threads; Pillow decodes a file on one at a time.
+        self._decoding = threading.Lock()
         self.metadata = ReaderMetadata(
             format=self._format,
             level_dimensions=[(width, height)],
             level_downsamples=[1.0],
             mpp_note="plain images carry no trustworthy resolution",
+            generated=image.info.get(GENERATED_KEY),
         )
 
     def _rgb(self) -> np.ndarray:
+        with self._decoding:
+            return self._decoded()
+
+    def _decoded(self) -> np.ndarray:
         if self._pixels is None:
             try:
                 image = self._image
