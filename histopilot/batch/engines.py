@@ -31,6 +31,7 @@ from typing import Any, Literal
 from histopilot.batch.manifest import CohortItem
 from histopilot.batch.tasks import BatchOptions, CohortWorker, Outcome
 from histopilot.errors import ConfigError, HistopilotError
+from histopilot.privacy import configure_logging
 
 Engine = Literal["local", "ray"]
 #: Retries of an item whose Ray actor died (Ray restarts the actor each time).
@@ -127,6 +128,7 @@ def _start_worker(options: BatchOptions, threads: int) -> None:
     import torch
 
     torch.set_num_threads(threads)  # the machine's cores shared out, as Ray does
+    configure_logging()  # a spawned process starts unconfigured: its errors name items
     _worker = CohortWorker(options)
     threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
 
@@ -162,6 +164,9 @@ def run_ray(
     except ImportError as error:
         raise ConfigError("the ray engine needs Ray Data: pip install 'histopilot[ray]'") from error
     logging.getLogger("ray.data").setLevel(logging.ERROR)  # our lines report each item
+    # Ray reports cluster usage to its developers unless told not to; a RAY_USAGE_STATS_ENABLED
+    # the user set stands. (A cluster started with `ray start` follows its head node's setting.)
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     started_here = not ray.is_initialized()
     if started_here:
         ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
@@ -223,6 +228,7 @@ class _RayWorker:
     options: bytes
 
     def __init__(self) -> None:
+        configure_logging()  # what an actor logs goes to the cluster's log files
         self.worker = CohortWorker(pickle.loads(self.options))
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list[bytes]]:
