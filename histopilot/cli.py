@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import sys
 from collections.abc import Callable
@@ -24,12 +25,15 @@ from rich.table import Table
 from histopilot import __version__
 from histopilot.config import ROLE_NAMES, HistopilotConfig, available_profiles, load_config
 from histopilot.errors import HistopilotError, ImageInputError, OutputError
+from histopilot.privacy import configure_logging, uvicorn_log_config
 from histopilot.serve.vllm_launch import LaunchPlan, VLLMServer, plan_servers, run_servers
 from histopilot.slide import Slide, SlideInfo, detect_tissue, open_slide
 from histopilot.slide.demo import build_demo_slide
 from histopilot.slide.render import draw_tissue_outline, save_png
 from histopilot.slide.tiling import TileGrid, iter_tiles, tile_grid
 from histopilot.storage import atomic_file
+from histopilot.tools.images import GENERATED_NOTICE
+from histopilot.tools.report.document import EXTRACTION_NOTICE
 from histopilot.tools.report.render import ReportFormat
 from histopilot.tools.report.schemas import SCHEMA_ALIASES, SCHEMAS
 
@@ -133,7 +137,12 @@ def _progress() -> Progress:
 @app.callback(invoke_without_command=True)
 def _root(
     version: Annotated[bool, typer.Option("--version", help="Print the version.")] = False,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Log details (identifiers still redacted).")
+    ] = False,
 ) -> None:
+    # Every command logs through the redacting filter: logs never hold patient identifiers.
+    configure_logging(logging.INFO if verbose else logging.WARNING)
     if version:
         sys.stdout.write(f"histopilot {__version__}\n")
         raise typer.Exit
@@ -331,6 +340,14 @@ ReferenceBank = Annotated[
 Knowledge = Annotated[
     Path | None, typer.Option("--knowledge", help="Knowledge base folder (`kb build`).")
 ]
+Stain = Annotated[
+    str | None,
+    typer.Option(
+        "--stain",
+        help="The slide's stain: he, ihc, or the immunostain's markers (ER, 'ER,PR'); by default "
+        "estimated from colour. Only a declared marker makes its result reportable.",
+    ),
+]
 
 
 @app.command("analyze")
@@ -350,13 +367,14 @@ def analyze(
     thread: Thread = None,
     reference: ReferenceBank = None,
     knowledge: Knowledge = None,
+    stain: Stain = None,
     slide_mpp: SlideMPP = None,
     config: ConfigPath = None,
     profile: Profile = None,
     as_json: AsJson = False,
 ) -> None:
-    """Read a slide with the agents; write report.md, analysis.json, overlay.png and
-    regions.geojson (QuPath-compatible)."""
+    """Read a slide with the agents; write report.md, analysis.json, overlay.png,
+    regions.geojson (QuPath-compatible) and audit.json."""
     from histopilot.storage import check_new_output_folder
 
     out = out or Path(f"{_output_name(slide_path)}-analysis")
@@ -367,6 +385,7 @@ def analyze(
         "trajectories": trajectories,
         "seed": seed,
         "review": review or None,
+        "stain": stain,
         **_resource_overrides(reference, knowledge),
     }
     _analyze_into(
@@ -413,15 +432,19 @@ def _analyze_into(
                 on_review=_ask_reviewer,
             )
         files = write_outputs(
-            run.state, context.workspace(run.state["slide"]), out, thread_id=run.thread_id
+            run.state,
+            context.workspace(run.state["slide"]),
+            out,
+            thread_id=run.thread_id,
+            audit=run.audit,
         )
     finally:
         context.close()
-    diagnosis = run.state["diagnosis"]
+    diagnosis, report = run.state["diagnosis"], run.state["report"]
     summary = {
         "thread_id": run.thread_id,
         "seconds": round(run.seconds, 2),
-        "assessment": diagnosis.statement,
+        "assessment": report.diagnosis,
         "confidence": diagnosis.confidence,
         "regions": len(run.state.get("regions", {})),
         "tissue_tiles": run.state["triage"].tiles,
@@ -432,7 +455,7 @@ def _analyze_into(
     if as_json:
         _print_json(summary)
         return
-    stderr.print(escape(diagnosis.statement), highlight=False, soft_wrap=True)
+    stderr.print(escape(report.diagnosis), highlight=False, soft_wrap=True)
     stderr.print(
         f"{summary['regions']} regions examined (an exhaustive pass: {summary['tissue_tiles']} "
         f"tiles) in {summary['seconds']} s; thread {run.thread_id}. Outputs in {out}/",
@@ -458,6 +481,92 @@ def _agent_context(slide_path: Path, config: HistopilotConfig, slide_mpp, overri
     return AgentContext.from_config(config, slide_mpp=slide_mpp, **overrides)
 
 
+@app.command("audit")
+@reports_user_errors
+def audit(
+    thread: Annotated[
+        str,
+        typer.Argument(
+            help="A thread or analysis id, or an analysis folder (`analyze --out`).",
+            show_default=False,
+        ),
+    ],
+    checkpoints: Annotated[
+        str | None,
+        typer.Option(
+            "--checkpoints",
+            help="Where the thread persists: a SQLite file or a postgresql:// URL (default: "
+            "agents.checkpoints, else the chat threads file; a server keeps its threads in "
+            "<data_dir>/threads.sqlite).",
+        ),
+    ] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Write the JSON here.")] = None,
+    config: ConfigPath = None,
+    profile: Profile = None,
+    as_json: AsJson = False,
+) -> None:
+    """What an analysis or a chat thread ran: models and revisions, adapters, prompt versions,
+    tools with their inputs and outputs, regions, timings, config hash, guardrail actions."""
+    from histopilot.agents.audit import AuditLog, AuditTrail
+    from histopilot.agents.checkpoints import open_checkpointer
+
+    store, thread_id = _audit_source(thread, checkpoints, load_config(config, profile=profile))
+    if not store.startswith(("postgres://", "postgresql://")) and not Path(store).is_file():
+        raise HistopilotError(f"no checkpoint database at {store}; name it with --checkpoints.")
+    with open_checkpointer(store) as checkpointer:
+        trail = AuditTrail(records=AuditLog(checkpointer).records(thread_id))
+    if not trail.records:
+        raise HistopilotError(
+            f"no audit records for {thread_id!r} in {store}; name the store with --checkpoints."
+        )
+    if out is not None:
+        _write_text(out, trail.model_dump_json(indent=2))
+    if as_json:
+        _print_json(trail)
+        return
+    console = Console()
+    for record in trail.records:
+        models = ", ".join(
+            f"{m.role}={m.model or m.backend}" + (f"@{m.revision}" if m.revision else "")
+            for m in record.provenance.models
+        )
+        console.print(
+            f"[bold]{escape(record.id)}[/] {record.kind}, "
+            f"{record.started:%Y-%m-%d %H:%M:%S} UTC, {record.seconds:.1f} s\n"
+            f"  models: {escape(models)}\n"
+            f"  {len(record.tool_calls)} tool calls, {len(record.model_calls)} model calls, "
+            f"{len(record.regions)} regions, {len(record.guardrails)} statements withheld",
+            highlight=False,
+            soft_wrap=True,
+        )
+    first = trail.records[0].provenance
+    stderr.print(
+        f"config {first.config_hash}, histopilot {first.histopilot}, prompts "
+        + ", ".join(f"{name}@{digest}" for name, digest in first.prompts.items())
+        + (f"; data leaves this machine for {', '.join(first.remote)}" if first.remote else ""),
+        highlight=False,
+    )
+
+
+def _audit_source(thread: str, checkpoints: str | None, config: HistopilotConfig):
+    """The checkpoint store and thread id that ``histopilot audit THREAD`` names."""
+    import platformdirs
+
+    folder = Path(thread)
+    if folder.is_dir():
+        record = folder / "analysis.json"
+        if not record.is_file():
+            raise HistopilotError(f"{folder} holds no analysis.json; is it an analysis folder?")
+        try:
+            thread_id = json.loads(record.read_text(encoding="utf-8"))["thread_id"]
+        except (ValueError, KeyError) as error:
+            raise HistopilotError(f"{record} is not an analysis record ({error}).") from None
+        store = checkpoints or config.agents.checkpoints or str(folder / CHECKPOINTS_FILE)
+        return store, thread_id
+    default = Path(platformdirs.user_data_dir("histopilot")) / "threads.sqlite"
+    return checkpoints or config.agents.checkpoints or str(default), thread
+
+
 def _ask_reviewer(payload: dict) -> dict:
     """Show the draft and ask the person at the terminal to approve or return it."""
     report = payload["report"]
@@ -476,6 +585,7 @@ def chat(
     thread: Thread = None,
     reference: ReferenceBank = None,
     knowledge: Knowledge = None,
+    stain: Stain = None,
     slide_mpp: SlideMPP = None,
     config: ConfigPath = None,
     profile: Profile = None,
@@ -495,7 +605,7 @@ def chat(
         slide_path,
         load_config(config, profile=profile),
         slide_mpp,
-        _resource_overrides(reference, knowledge),
+        {"stain": stain, **_resource_overrides(reference, knowledge)},
     )
     default_store = Path(platformdirs.user_data_dir("histopilot")) / "threads.sqlite"
     console = Console()
@@ -720,6 +830,7 @@ def serve(
         host=host,
         port=port,
         log_level="info",
+        log_config=uvicorn_log_config(),  # access lines show slide names: redacted too
         timeout_graceful_shutdown=5,
     )
 
@@ -1420,12 +1531,15 @@ def diffusion_transfer(
             strength=strength,
             seed=seed,
         )
-        path = save_png(result.images[0], out / f"{tile.name}.png")
+        made = f"virtual stain: diffusion {method} transfer from {source} to {target} ({model})"
+        path = save_png(result.images[0], out / f"{tile.name}.png", generated=made)
         rows.append(
             {
                 "source": tile.source,
                 "output": str(path),
                 "hematoxylin_ssim": result.hematoxylin_ssim[0],
+                "virtual": True,
+                "notice": GENERATED_NOTICE,
             }
         )
     _write_json_rows(out / "transfer.json", rows)
@@ -1472,10 +1586,18 @@ def diffusion_counterfactual(
             oracle=checker,
             source_condition=source_condition,
         )
-        image = save_png(result.image, out / f"{tile.name}.png")
-        panel = save_png(result.panel(), out / f"{tile.name}-compare.png")
+        made = f"counterfactual toward {target} (diffusion model {model})"
+        image = save_png(result.image, out / f"{tile.name}.png", generated=made)
+        panel = save_png(result.panel(), out / f"{tile.name}-compare.png", generated=made)
         rows.append(
-            {"source": tile.source, "output": str(image), "compare": str(panel), **result.summary()}
+            {
+                "source": tile.source,
+                "output": str(image),
+                "compare": str(panel),
+                **result.summary(),
+                "virtual": True,
+                "notice": GENERATED_NOTICE,
+            }
         )
     _write_json_rows(out / "counterfactuals.json", rows)
     flipped = sum(row["flipped"] for row in rows)
@@ -1647,13 +1769,15 @@ def extract(
         "already_done": skipped,
         "failed": [f.model_dump() for f in failures],
         "out": str(out),
+        "notice": EXTRACTION_NOTICE,
     }
     _report(
         summary,
         as_json,
         f"{written} record(s) written to {out}"
         + (f", {skipped} already there" if skipped else "")
-        + (f", {len(failures)} skipped (see above)" if failures else ""),
+        + (f", {len(failures)} skipped (see above)" if failures else "")
+        + f". {EXTRACTION_NOTICE}",
     )
     if failures and not written and not skipped:
         raise typer.Exit(1)  # nothing could be extracted: say so to scripts too

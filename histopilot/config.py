@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tomllib
 from importlib import resources
 from pathlib import Path
@@ -164,6 +165,13 @@ class AgentsConfig(_Strict):
     seed: int = Field(
         0, ge=0, description="Seed of the navigation; the same seed gives the same regions."
     )
+    stain: str = Field(
+        "auto",
+        max_length=200,
+        description="What the slide is stained with: auto (H&E or immunostain, from colour), "
+        "he, ihc, or the immunostain's markers (e.g. 'ER' or 'ER,PR'); decides which claims "
+        "the guardrails allow.",
+    )
     reference_bank: str | None = Field(
         None, description="Patch index of labelled reference patches (k-NN evidence)."
     )
@@ -197,6 +205,13 @@ class AgentsConfig(_Strict):
     image_outputs: str | None = Field(
         None, description="Folder for images the tools write (default: the user data folder)."
     )
+
+    @field_validator("stain")
+    @classmethod
+    def _stain_is_words(cls, value: str) -> str:
+        if not re.fullmatch(r"[\w&+ ./-]+(?:,[\w&+ ./-]+)*", value.strip()):
+            raise ValueError("give auto, he, ihc or markers separated by commas, e.g. 'ER,PR'")
+        return value.strip()
 
     @field_validator(
         "reference_bank",

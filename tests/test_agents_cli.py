@@ -20,7 +20,9 @@ def isolated(isolated_config, feature_cache: Path, monkeypatch) -> None:
     monkeypatch.setenv("XDG_DATA_HOME", str(Path.cwd() / "user-data"))
 
 
-def test_analyze_writes_the_four_outputs(wsi_dir: Path, isolated, tmp_path: Path) -> None:
+def test_analyze_writes_its_outputs_and_an_audit_trail(
+    wsi_dir: Path, isolated, tmp_path: Path
+) -> None:
     out = tmp_path / "analysis"
     result = runner.invoke(
         app,
@@ -47,6 +49,7 @@ def test_analyze_writes_the_four_outputs(wsi_dir: Path, isolated, tmp_path: Path
         "analysis.json",
         "overlay.png",
         "regions.geojson",
+        "audit.json",
     }
     record = json.loads((out / "analysis.json").read_text())
     assert record["question"] == "is there tumour?"
@@ -54,6 +57,34 @@ def test_analyze_writes_the_four_outputs(wsi_dir: Path, isolated, tmp_path: Path
     assert len(record["trajectories"]) == 2
     assert summary["regions"] == len(record["regions"]) <= 10
     assert "trajectory 1" in result.stderr  # progress streamed to the terminal
+
+    # The audit trail, read back from the checkpoint database beside the outputs.
+    shown = runner.invoke(app, ["audit", str(out), "--json"])
+    assert shown.exit_code == 0, shown.output
+    (audit,) = json.loads(shown.stdout)["records"]
+    assert audit == json.loads((out / "audit.json").read_text())["records"][0]
+    assert audit["id"] == f"{summary['thread_id']}#1" and audit["kind"] == "analysis"
+    provenance = audit["provenance"]
+    assert {m["role"] for m in provenance["models"]} == {
+        "orchestrator",
+        "describer",
+        "diagnoser",
+        "reporter",
+    }
+    assert all(m["backend"] == "offline" for m in provenance["models"])
+    assert set(provenance["prompts"]) >= {"describe", "diagnose", "report", "chat"}
+    assert len(provenance["config_hash"]) == 16 and provenance["settings"]["seed"] == 1
+    assert provenance["encoder"].startswith("offline") and provenance["remote"] == []
+    steps = {call["name"] for call in audit["tool_calls"]}
+    assert steps == {"triage", "navigate", "describe"}
+    described = [c for c in audit["tool_calls"] if c["name"] == "describe"]
+    assert {c["inputs"]["region"] for c in described} == set(record["regions"])
+    assert all(c["outputs"][0] == "measured" for c in described)
+    assert audit["regions"] == sorted(record["regions"])
+    assert {"triage", "describe", "diagnose", "report"} <= set(audit["timings"])
+    assert audit["material"]["stain"] == "H&E" and audit["input_sha256"]
+    table = runner.invoke(app, ["audit", str(out)])
+    assert summary["thread_id"] in table.stdout and "prompts" in table.stderr
 
 
 def test_analyze_refuses_to_overwrite_a_folder_it_did_not_write(
@@ -168,6 +199,14 @@ def test_offline_chat_commands_and_a_resumed_thread(wsi_dir: Path, isolated) -> 
     resumed = runner.invoke(app, ["chat", slide, "--thread", "case-7"], input="/regions\n")
     assert resumed.exit_code == 0, resumed.output
     assert "T1.01" in resumed.stdout
+
+    # Each turn has its audit record, and the analysis the first turn ran has its own.
+    audit = json.loads(runner.invoke(app, ["audit", "case-7", "--json"]).stdout)["records"]
+    turns = [r for r in audit if r["kind"] == "chat_turn"]
+    assert [r["id"] for r in turns] == [f"case-7#turn-{n}" for n in range(1, 7)]
+    (analysis,) = [r for r in audit if r["kind"] == "analysis"]
+    assert turns[0]["analyses"] == [analysis["thread_id"]]
+    assert analysis["thread_id"].startswith("case-7:analysis:")
 
     other = wsi_dir / "tcga-cr-7395-01a-01-ts1.svs"
     wrong = runner.invoke(

@@ -37,7 +37,7 @@ def crc_patches(test_data: Path) -> dict[str, list[np.ndarray]]:
 def check_outputs(run, context, out: Path) -> dict:
     """The four outputs exist, agree with each other, and cite only visited tissue."""
     workspace = context.workspace(run.state["slide"])
-    files = write_outputs(run.state, workspace, out, thread_id=run.thread_id)
+    files = write_outputs(run.state, workspace, out, thread_id=run.thread_id, audit=run.audit)
     regions = run.state["regions"]
     for region in regions.values():
         side = min(region.width, region.height)

@@ -248,7 +248,12 @@ def test_analyze_task_writes_a_report_per_slide(wsi_dir, options, tmp_path):
     summary = run_cohort([manifest], analyze, tmp_path / "out", engine="local", workers=1)
     assert summary.done == 1, summary.items
     folder = tmp_path / "out" / "analyses" / "idr0073-kidney-48-5-ihc-thumbnail"
-    assert {p.name for p in folder.iterdir()} == {"report.md", "analysis.json", "regions.geojson"}
+    assert {p.name for p in folder.iterdir()} == {
+        "report.md",
+        "analysis.json",
+        "regions.geojson",
+        "audit.json",
+    }
     result = results(tmp_path / "out")["idr0073-kidney-48-5-ihc-thumbnail"]["result"]
     assert result["assessment"] and result["regions"] >= 1
 

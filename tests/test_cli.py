@@ -103,7 +103,7 @@ def test_demo_runs_the_offline_analysis_on_a_fresh_folder(tmp_path: Path) -> Non
     assert summary["tissue_tiles"] > 20
     assert 0 < summary["regions"] < summary["tissue_tiles"]
     assert "not a diagnosis" in summary["notice"]
-    assert sorted(summary["outputs"]) == ["analysis", "overlay", "regions", "report"]
+    assert sorted(summary["outputs"]) == ["analysis", "audit", "overlay", "regions", "report"]
     for output in summary["outputs"].values():
         assert Path(output).stat().st_size > 0
 

@@ -196,7 +196,9 @@ def test_reviewed_analyses_become_region_crops_with_their_findings(
     context = make_context(feature_cache, budget=3, trajectories=1)
     run = analyse(wsi_dir / "CMU-1-Small-Region.svs", context)
     folder = tmp_path / "analyses" / "case-1"
-    write_outputs(run.state, context.workspace(run.state["slide"]), folder, thread_id="t1")
+    write_outputs(
+        run.state, context.workspace(run.state["slide"]), folder, thread_id="t1", audit=run.audit
+    )
     findings = run.state["findings"]
 
     # A draft nobody signed off is not training data unless asked for.

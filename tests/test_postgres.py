@@ -70,6 +70,16 @@ def test_a_thread_moves_between_two_servers_sharing_one_database(
             ]
             listed = httpx.get(f"{second.url}/v1/threads", timeout=30).json()["data"]
             assert thread in [entry["id"] for entry in listed]
+            # Both turns' audit records are in the shared database, whichever replica ran them.
+            trails = [
+                httpx.get(f"{server.url}/v1/threads/{thread}/audit", timeout=30).json()
+                for server in (first, second)
+            ]
+            assert trails[0] == trails[1]
+            kinds = [(r["kind"], r["id"]) for r in trails[0]["records"]]
+            assert ("chat_turn", f"{thread}#turn-1") in kinds
+            assert ("chat_turn", f"{thread}#turn-2") in kinds
+            assert any(kind == "analysis" for kind, _ in kinds)
         finally:
             second.stop()
     finally:

@@ -324,8 +324,14 @@ def test_threads_are_listed_read_back_and_deleted(client: TestClient) -> None:
     assert [m["role"] for m in history["messages"]][-2:] == ["user", "assistant"]
     assert history["messages"][-1]["citations"] and history["regions"]
     assert history["assessment"]
+    assert history["messages"][-1]["content"].endswith("not a diagnosis._")
+    records = client.get(f"/v1/threads/{thread}/audit").json()["records"]
+    assert [r["kind"] for r in records] == ["chat_turn", "analysis"]  # by start: the turn ran it
+    assert records[0]["id"] == f"{thread}#turn-1" and records[0]["regions"]
+    assert records[0]["analyses"] == [records[1]["thread_id"]]
     assert client.delete(f"/v1/threads/{thread}").status_code == 204
     assert client.get(f"/v1/threads/{thread}").status_code == 404
+    assert client.get(f"/v1/threads/{thread}/audit").status_code == 404
     assert client.delete(f"/v1/threads/{thread}").status_code == 404
 
 
@@ -356,6 +362,9 @@ def test_an_analysis_runs_in_the_background_and_its_outputs_can_be_fetched(
     assert Image.open(io.BytesIO(overlay.content)).format == "PNG"
     regions = client.get(f"/v1/analyses/{analysis}/regions").json()
     assert len(regions["features"]) == 2
+    (audit,) = client.get(f"/v1/analyses/{analysis}/audit").json()["records"]
+    assert audit["id"] == f"{analysis}#1" and len(audit["regions"]) == 2
+    assert audit["provenance"]["settings"]["budget"] == 2
 
 
 def test_analysis_requests_that_cannot_run_say_why(client: TestClient) -> None:

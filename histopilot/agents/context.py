@@ -21,6 +21,8 @@ import platformdirs
 from langgraph.runtime import Runtime
 from pydantic import ValidationError
 
+from histopilot.agents.audit import Provenance, provenance_of
+from histopilot.agents.guardrails.material import Material, as_declared, estimate_material
 from histopilot.agents.state import SlideRef
 from histopilot.agents.triage import TriageMaps, triage_maps
 from histopilot.config import AgentsConfig, HistopilotConfig, load_config
@@ -48,6 +50,7 @@ class SlideWorkspace:
     slide: Slide
     tissue: TissueMask
     maps: TriageMaps
+    material: Material  # as estimated from the slide; AgentContext.material adds the run's stain
     relevance: dict[str, np.ndarray] = field(default_factory=dict)  # target → per-tile
     planes: dict[float, tuple[np.ndarray, float]] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -114,6 +117,8 @@ class AgentContext:
     mil_head: AttentionMIL | None = None
     feature_cache: Path | None = None
     slide_mpp: float | None = None
+    config: HistopilotConfig | None = field(default=None, repr=False)
+    _provenance: Provenance | None = field(default=None, repr=False)
     _workspaces: dict[str, SlideWorkspace] = field(default_factory=dict, repr=False)
     _opening: dict[str, threading.Lock] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -150,12 +155,25 @@ class AgentContext:
             mil_head=_mil_head(settings.mil_head),
             feature_cache=Path(cache),
             slide_mpp=slide_mpp,
+            config=config,
         )
 
     def with_settings(self, **overrides: Any) -> AgentContext:
         """This context with some ``[agents]`` settings replaced (validated the same way);
         models, encoder, resources and open slides are shared."""
-        return replace(self, settings=validated_settings(self.settings.model_dump() | overrides))
+        settings = validated_settings(self.settings.model_dump() | overrides)
+        return replace(self, settings=settings, _provenance=None)
+
+    def material(self, slide: SlideRef | str | Path) -> Material:
+        """The slide's material for this run: what the slide shows, with this run's declared
+        stain (``agents.stain``) on top."""
+        return as_declared(self.workspace(slide).material, self.settings.stain)
+
+    def provenance(self) -> Provenance:
+        """What this context runs with, for the audit trail (computed once)."""
+        if self._provenance is None:
+            self._provenance = provenance_of(self)
+        return self._provenance
 
     def workspace(self, slide: SlideRef | str | Path) -> SlideWorkspace:
         """The slide's workspace, opening the slide and running triage's maps on first use.
@@ -191,10 +209,11 @@ class AgentContext:
                 mil_head=self.mil_head,
                 reference=self.reference,
             )
+            material = estimate_material(opened, tissue)
         except BaseException:
             opened.close()
             raise
-        return SlideWorkspace(slide=opened, tissue=tissue, maps=maps)
+        return SlideWorkspace(slide=opened, tissue=tissue, maps=maps, material=material)
 
     def release(self, slide: SlideRef | str | Path) -> None:
         """Close one slide's workspace, so a run over many slides holds one at a time."""

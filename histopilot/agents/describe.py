@@ -17,6 +17,7 @@ from langgraph.runtime import Runtime
 from pydantic import BaseModel, Field
 
 from histopilot.agents.context import AgentContext, SlideWorkspace, context_of
+from histopilot.agents.guardrails import Guard
 from histopilot.agents.measure import measure_region, measured_description
 from histopilot.agents.models import (
     ask,
@@ -97,8 +98,17 @@ def describe_region(
         if described is None:
             note = f"the describer's answer was unusable ({problem}); measured description kept"
         else:
-            text, suspicion = described.description, described.suspicion
-            source = f"model:{model_name(model)}"
+            guard = Guard(
+                material=context.material(slide),
+                regions={region.id},
+                high_power_seen=region.magnification == "high",
+            )
+            text, withheld = guard.screen(described.description, region.id, marker=True)
+            suspicion, source = described.suspicion, f"model:{model_name(model)}"
+            if withheld:
+                note = "withheld from the description: " + "; ".join(
+                    dict.fromkeys(action.reason for action in withheld)
+                )
     finding = Finding(
         region_id=region.id,
         text=text,

@@ -105,6 +105,7 @@ def triage(state: AnalysisInput, runtime: Runtime[AgentContext]) -> Command:
             "slide": slide,
             "question": state.get("question"),
             "triage": result,
+            "material": context.material(slide),
             "timings": {"triage": time.perf_counter() - started},
         },
     )

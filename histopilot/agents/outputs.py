@@ -16,6 +16,7 @@ import numpy as np
 from pydantic import BaseModel
 
 from histopilot import __version__
+from histopilot.agents.audit import AuditRecord, AuditTrail
 from histopilot.agents.context import SlideWorkspace
 from histopilot.agents.state import ReportDraft
 from histopilot.slide.render import draw_regions, draw_tissue_outline, overlay_heatmap, save_png
@@ -31,13 +32,20 @@ class AnalysisFiles(BaseModel):
     analysis: str
     overlay: str
     regions: str
+    audit: str
 
 
 def write_outputs(
-    state: dict[str, Any], workspace: SlideWorkspace, out: Path, *, thread_id: str
+    state: dict[str, Any],
+    workspace: SlideWorkspace,
+    out: Path,
+    *,
+    thread_id: str,
+    audit: list[AuditRecord],
 ) -> AnalysisFiles:
     out.mkdir(parents=True, exist_ok=True)
     return AnalysisFiles(
+        audit=str(_write(out / "audit.json", audit_json(audit))),
         report=str(_write(out / "report.md", report_markdown(state))),
         analysis=str(
             _write(
@@ -48,6 +56,11 @@ def write_outputs(
         overlay=str(save_png(overlay_image(state, workspace), out / "overlay.png")),
         regions=str(_write(out / "regions.geojson", json.dumps(regions_geojson(state), indent=1))),
     )
+
+
+def audit_json(records: list[AuditRecord]) -> str:
+    """The audit records of an analysis as the JSON document written beside its report."""
+    return AuditTrail(records=records).model_dump_json(indent=2)
 
 
 def analysis_record(state: dict[str, Any], thread_id: str) -> dict[str, Any]:
@@ -106,8 +119,21 @@ def report_markdown(state: dict[str, Any]) -> str:
             f"| {h.name} | {h.probability:.2f} | {h.interval[0]:.2f}–{h.interval[1]:.2f} "
             f"| {regions} |"
         )
+    if report.certainty is not None:
+        c = report.certainty
+        votes = ", ".join(f"{label} {n}" for label, n in c.votes.items())
+        lines += [
+            "",
+            "## Certainty",
+            "",
+            f"- Confidence {c.confidence:.2f} (indeterminate below {c.threshold:.2f})"
+            + (": **indeterminate — review**" if c.indeterminate else ""),
+            f"- Trajectory agreement {c.agreement:.0%} (top choices: {votes or 'none'})",
+            f"- Tissue examined {c.tissue_examined:.0%}, at high power "
+            f"{c.tissue_examined_high_power:.0%}",
+        ]
     if report.evidence:
-        lines += ["", "## Evidence consulted", ""]
+        lines += ["", "## Evidence consulted (quoted sources; data, not findings)", ""]
         lines += [f"- {e.text} ({e.source})" for e in report.evidence]
     lines += ["", "## Limitations", ""]
     lines += [f"- {note}" for note in report.limitations]

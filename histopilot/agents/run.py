@@ -14,8 +14,9 @@ from typing import Any
 
 from langgraph.checkpoint.base import BaseCheckpointSaver
 from langgraph.types import Command
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
+from histopilot.agents.audit import AuditLog, AuditRecord, AuditRecorder, analysis_audit, now
 from histopilot.agents.context import AgentContext
 from histopilot.agents.graph import compile_analysis
 from histopilot.errors import HistopilotError
@@ -32,6 +33,9 @@ class AnalysisRun(BaseModel):
     thread_id: str
     state: dict[str, Any]
     seconds: float
+    audit: list[AuditRecord] = Field(
+        description="The thread's audit records, this run's last (a resumed thread has several)"
+    )
 
 
 def run_analysis(
@@ -51,13 +55,15 @@ def run_analysis(
     ``{"approve": bool, "note": str}``), one that was cut short continues from its last
     checkpoint. A finished thread, or a thread about another slide, is refused.
     """
-    started = time.perf_counter()
+    started, began = time.perf_counter(), now()
     thread_id = thread_id or new_thread_id()
     slide = str(Path(slide_path).resolve())
     graph = compile_analysis(checkpointer)
+    recorder = AuditRecorder()
     config = {
         "configurable": {"thread_id": thread_id},
         "recursion_limit": context.settings.recursion_limit,
+        "callbacks": [recorder],
     }
     snapshot = graph.get_state(config)
     payload: Any = {"slide_path": slide, "question": question}
@@ -77,8 +83,21 @@ def run_analysis(
         snapshot = graph.get_state(config)
         if not snapshot.interrupts:
             break
+    seconds = time.perf_counter() - started
+    log = AuditLog(checkpointer)
+    record = analysis_audit(
+        thread_id,
+        dict(snapshot.values),
+        context.provenance(),
+        recorder,
+        record_id=f"{thread_id}#{log.count(thread_id, 'analysis') + 1}",
+        started=began,
+        seconds=seconds,
+    )
+    log.add(record)
+    audit = [r for r in log.records(thread_id) if r.thread_id == thread_id] or [record]
     return AnalysisRun(
-        thread_id=thread_id, state=dict(snapshot.values), seconds=time.perf_counter() - started
+        thread_id=thread_id, state=dict(snapshot.values), seconds=seconds, audit=audit
     )
 
 

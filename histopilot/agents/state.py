@@ -16,14 +16,15 @@ from langchain_core.messages import AnyMessage
 from langgraph.graph.message import add_messages
 from pydantic import BaseModel, ConfigDict, Field
 
-from histopilot.tools.report.document import Citation, SynopticReport
+from histopilot.agents.guardrails.material import Material
+from histopilot.agents.guardrails.policy import GuardAction
+from histopilot.tools.report.document import DRAFT_NOTICE, Citation, SynopticReport
 
 Magnification = Literal["low", "medium", "high"]
 MAGNIFICATIONS: tuple[Magnification, ...] = ("low", "medium", "high")
 
 HEURISTIC_NOTICE = (
-    "Heuristic analysis from measured image features and reference similarity; "
-    "not a diagnosis. Draft for review by a pathologist."
+    f"{DRAFT_NOTICE} Heuristic analysis from measured image features and reference similarity."
 )
 """Carried by every output of the offline strategy, where a person reads it."""
 
@@ -161,6 +162,18 @@ class Diagnosis(_Record):
     statement: str
 
 
+class Certainty(_Record):
+    """How far the assessment can be trusted, in the figures a reader needs to judge it."""
+
+    confidence: float = Field(description="Probability of the leading class × agreement")
+    threshold: float = Field(description="Below this confidence the report is indeterminate")
+    indeterminate: bool
+    agreement: float = Field(description="Share of trajectories whose top choice it is")
+    votes: dict[str, int] = Field(description="Top choice → trajectories that made it")
+    tissue_examined: float = Field(description="Share of tissue tiles inside examined regions")
+    tissue_examined_high_power: float = Field(description="The same, high-power regions only")
+
+
 class ReportStatement(_Record):
     text: str
     citations: list[Citation] = Field(default_factory=list)
@@ -181,6 +194,11 @@ class ReportDraft(_Record):
     reviewer_note: str = ""
     synoptic: SynopticReport | None = Field(
         None, description="The site's synoptic elements; None in drafts written before them"
+    )
+    certainty: Certainty | None = Field(None, description="None in drafts written before it")
+    material: Material | None = Field(None, description="What the slide can show")
+    guardrails: list[GuardAction] = Field(
+        default_factory=list, description="What the guardrails withheld from this draft, and why"
     )
 
 
@@ -204,6 +222,7 @@ class AnalysisState(TypedDict, total=False):
     question: str | None
     messages: Annotated[list[AnyMessage], add_messages]
     triage: TriageResult
+    material: Material
     regions: Annotated[dict[str, Region], merge_records]
     findings: Annotated[dict[str, Finding], merge_records]
     evidence: Annotated[dict[str, Evidence], merge_records]
@@ -259,5 +278,8 @@ STATE_MODELS: tuple[type[BaseModel], ...] = (
     ReportStatement,
     ReportDraft,
     SynopticReport,
+    Certainty,
+    Material,
+    GuardAction,
 )
 """The types a checkpoint may rebuild (the serializer's allow-list)."""

@@ -170,7 +170,12 @@ def _index(worker: CohortWorker, item: CohortItem) -> TaskResult:
 def _analyze(worker: CohortWorker, item: CohortItem) -> TaskResult:
     from histopilot.agents.checkpoints import open_checkpointer
     from histopilot.agents.context import AgentContext
-    from histopilot.agents.outputs import analysis_record, regions_geojson, report_markdown
+    from histopilot.agents.outputs import (
+        analysis_record,
+        audit_json,
+        regions_geojson,
+        report_markdown,
+    )
     from histopilot.agents.run import run_analysis
 
     options = worker.options
@@ -193,7 +198,7 @@ def _analyze(worker: CohortWorker, item: CohortItem) -> TaskResult:
     diagnosis = state["diagnosis"]
     record = analysis_record(state, run.thread_id)
     result = {
-        "assessment": diagnosis.statement,
+        "assessment": state["report"].diagnosis,
         "confidence": diagnosis.confidence,
         "regions": len(state.get("regions", {})),
         "tissue_tiles": state["triage"].tiles,
@@ -203,6 +208,7 @@ def _analyze(worker: CohortWorker, item: CohortItem) -> TaskResult:
         "report.md": report_markdown(state),
         "analysis.json": _json(record),
         "regions.geojson": _json(regions_geojson(state)),
+        "audit.json": audit_json(run.audit),
     }
     return result, files, None
 

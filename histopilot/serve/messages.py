@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import re
 from typing import Any
 
 import numpy as np
@@ -20,6 +21,16 @@ from histopilot.errors import HistopilotError
 
 MAX_IMAGE_BYTES = 32 * 1024 * 1024
 """Largest encoded image accepted in a message (a 4096² PNG tile is about 30 MB)."""
+
+
+def data_block(name: str, text: str) -> str:
+    """``text`` fenced as data between ``<name>`` and ``</name>``, for a prompt that tells the
+    model such blocks are never instructions. A tag of that name inside the text (which would
+    end the block early, so what follows reads as the prompt's own words) is defused."""
+    defused = re.sub(
+        rf"<\s*(/?)\s*{re.escape(name)}\s*>", rf"‹\1{name}›", text, flags=re.IGNORECASE
+    )
+    return f"<{name}>\n{defused}\n</{name}>"
 
 
 def image_part(image: Image.Image | np.ndarray, *, image_format: str = "jpeg") -> dict[str, Any]:

@@ -90,13 +90,16 @@ class AnalysisJobs:
             )
             workspace = context.workspace(run.state["slide"])
             with atomic_directory(self.folder_of(analysis_id)) as out:
-                files = write_outputs(run.state, workspace, out, thread_id=analysis_id)
-            diagnosis = run.state["diagnosis"]
+                files = write_outputs(
+                    run.state, workspace, out, thread_id=analysis_id, audit=run.audit
+                )
+            diagnosis, report = run.state["diagnosis"], run.state["report"]
+            guarded = report.diagnosis != diagnosis.statement  # the guardrails withheld it
             summary = {
-                "assessment": diagnosis.statement,
-                "label": diagnosis.label,
+                "assessment": report.diagnosis,
+                "label": None if guarded else diagnosis.label,
                 "confidence": diagnosis.confidence,
-                "indeterminate": diagnosis.indeterminate,
+                "indeterminate": diagnosis.indeterminate or guarded,
                 "regions": len(run.state.get("regions", {})),
                 "seconds": round(run.seconds, 2),
                 "files": sorted(Path(path).name for path in files.model_dump().values()),

@@ -84,6 +84,11 @@ class HistopilotExtras(BaseModel):
     slide: str
     citations: list[Citation]
     progress: list[str]
+    notice: str = Field(description="Also the answer's last line: a draft, not a diagnosis")
+    withheld: list[str] = Field(
+        default_factory=list, description="Why the guardrails withheld parts of the answer"
+    )
+    audit_id: str | None = Field(None, description="The turn's record: GET …/threads/{id}/audit")
 
 
 class AssistantMessage(BaseModel):
@@ -154,7 +159,13 @@ class ChatTurns:
             created=int(time.time()),
             choices=[Choice(message=AssistantMessage(content=reply.text))],
             histopilot=HistopilotExtras(
-                thread_id=thread_id, slide=slide.id, citations=reply.citations, progress=progress
+                thread_id=thread_id,
+                slide=slide.id,
+                citations=reply.citations,
+                progress=progress,
+                notice=reply.notice,
+                withheld=withheld_reasons(reply),
+                audit_id=reply.audit_id,
             ),
         )
 
@@ -254,6 +265,13 @@ async def _chunks(
         elif kind == "reply":
             citations = [c.model_dump() for c in value.citations]
             yield chunk({}, extras={"event": "citations", "citations": citations})
+            guarded = {
+                "event": "guardrails",
+                "notice": value.notice,
+                "withheld": withheld_reasons(value),
+                "audit_id": value.audit_id,
+            }
+            yield chunk({}, extras=guarded)
             yield chunk({}, finish="stop")
             break
         else:
@@ -262,6 +280,11 @@ async def _chunks(
             yield f"data: {json.dumps({'error': error}, ensure_ascii=False)}\n\n"
             break
     yield "data: [DONE]\n\n"
+
+
+def withheld_reasons(reply: ChatReply) -> list[str]:
+    """What the guardrails withheld from an answer, as reasons (the text stays in the audit)."""
+    return list(dict.fromkeys(f"{action.where}: {action.reason}" for action in reply.withheld))
 
 
 def _completion_id() -> str:

@@ -25,6 +25,7 @@ from langchain_core.messages import HumanMessage, SystemMessage
 from langchain_openai import ChatOpenAI
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
+from histopilot.serve.messages import data_block
 from histopilot.serve.structured import with_schema_prompting
 from histopilot.tools.extract import tnm
 from histopilot.tools.extract.rules import extract_with_rules
@@ -182,11 +183,9 @@ def extract_with_model(
         if schema == "auto"
         else schema_named(schema).model_fields["schema_name"].default
     )
-    # A closing tag inside the report must not end the data early.
-    enclosed = re.sub(r"</\s*report\s*>", "</ report>", text, flags=re.IGNORECASE)
     messages = [
         SystemMessage(f"{SYSTEM_PROMPT}\n\n{field_guide(name)}"),
-        HumanMessage(f"<report>\n{enclosed}\n</report>"),
+        HumanMessage(data_block("report", text)),
     ]
     # The rules run while the request is out: their CPU then costs no time on the critical path
     # when many requests are in flight.

@@ -47,9 +47,12 @@ SiteElements = Annotated[
 
 #: Quoted evidence longer than this is cut, with an ellipsis.
 QUOTE_CHARS = 120
+DRAFT_NOTICE = "Draft for pathologist review; not a diagnosis."
+"""The words every output a person reads carries, in its text (not only in a header or a
+field a client may drop), so copying the text copies the warning."""
 EXTRACTION_NOTICE = (
-    "Fields extracted automatically from a free-text report; check each against the source "
-    "before relying on it."
+    f"{DRAFT_NOTICE} Fields extracted automatically from a free-text report; check each "
+    "against the source before relying on it."
 )
 
 

@@ -13,6 +13,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, StreamingResponse
 from pydantic import BaseModel, Field
 
+from histopilot.agents.audit import AuditLog, AuditTrail
 from histopilot.serve.api.registry import FINISHED, AnalysisRecord
 from histopilot.serve.api.state import ConflictError, NotFoundError, ServerState, State, User
 from histopilot.tools.report import load_report, render
@@ -28,6 +29,9 @@ class AnalysisRequest(BaseModel):
     budget: int | None = Field(None, ge=1, le=500)
     trajectories: int | None = Field(None, ge=1, le=32)
     seed: int | None = Field(None, ge=0, le=2**31 - 1)
+    stain: str | None = Field(
+        None, max_length=200, description="he, ihc or the markers (ER, 'ER,PR'); default: estimated"
+    )
 
 
 class AnalysisList(BaseModel):
@@ -46,7 +50,9 @@ _REPORT_TYPES = {
 def start_analysis(body: AnalysisRequest, state: State, user: User) -> AnalysisRecord:
     """Queue a full analysis of a slide; poll it, or stream ``/events``, until it is done."""
     slide = state.catalog.find(body.slide)
-    settings = body.model_dump(include={"budget", "trajectories", "seed"}, exclude_none=True)
+    settings = body.model_dump(
+        include={"budget", "trajectories", "seed", "stain"}, exclude_none=True
+    )
     return state.jobs.start(user, slide, body.question, settings)
 
 
@@ -84,6 +90,19 @@ def analysis_events(analysis_id: str, state: State, user: User) -> StreamingResp
     return StreamingResponse(
         events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
     )
+
+
+@router.get("/{analysis_id}/audit")
+async def analysis_audit(analysis_id: str, state: State, user: User) -> AuditTrail:
+    """What the analysis ran: models and revisions, prompts, steps, regions, timings, and what
+    the guardrails withheld."""
+
+    def read() -> AuditTrail:
+        _own(state, user, analysis_id)
+        records = AuditLog(state.checkpointer).records(analysis_id)
+        return AuditTrail(records=[r for r in records if r.thread_id == analysis_id])
+
+    return await run_in_threadpool(read)
 
 
 @router.get("/{analysis_id}/report", response_class=Response)

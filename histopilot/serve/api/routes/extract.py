@@ -11,6 +11,7 @@ from pydantic import BaseModel, Field, model_validator
 from histopilot.errors import HistopilotError
 from histopilot.serve.api.state import State, User
 from histopilot.tools.extract import SCHEMA_CHOICES
+from histopilot.tools.report.document import EXTRACTION_NOTICE
 from histopilot.tools.report.schemas import SCHEMA_ALIASES
 
 router = APIRouter(prefix="/v1", tags=["extraction"])
@@ -47,6 +48,7 @@ class ExtractionResult(BaseModel):
 
 class ExtractionResponse(BaseModel):
     results: list[ExtractionResult]
+    notice: str = EXTRACTION_NOTICE
 
 
 @router.post("/extract", response_model_by_alias=True)

@@ -7,6 +7,7 @@ from fastapi.concurrency import run_in_threadpool
 from langchain_core.messages import AIMessage, HumanMessage
 from pydantic import BaseModel
 
+from histopilot.agents.audit import AuditLog, AuditTrail
 from histopilot.agents.chat import cited_regions
 from histopilot.agents.report import cite
 from histopilot.serve.api.chat import ThreadBusyError
@@ -70,8 +71,20 @@ async def thread_history(thread_id: str, state: State, user: User) -> ThreadHist
                 )
                 for region in sorted(regions.values(), key=lambda r: r.id)
             ],
-            assessment=values["diagnosis"].statement if "diagnosis" in values else None,
+            assessment=values["report"].diagnosis if "report" in values else None,
         )
+
+    return await run_in_threadpool(read)
+
+
+@router.get("/{thread_id}/audit")
+async def thread_audit(thread_id: str, state: State, user: User) -> AuditTrail:
+    """What each turn of the thread ran (models, prompts, tools, regions, guardrails), and the
+    analyses its turns started."""
+
+    def read() -> AuditTrail:
+        _own_thread(state, user, thread_id)
+        return AuditTrail(records=AuditLog(state.checkpointer).records(thread_id))
 
     return await run_in_threadpool(read)
 
@@ -86,6 +99,7 @@ async def delete_thread(thread_id: str, state: State, user: User) -> Response:
         try:
             state.registry.delete_thread(user, thread_id)
             _delete_checkpoints(state, thread_id)
+            AuditLog(state.checkpointer).delete(thread_id)
         finally:
             state.chats.release(thread_id, lease)
 
