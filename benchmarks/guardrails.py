@@ -71,6 +71,9 @@ def overhead(runs: int) -> dict:
         def records(self, thread_id: str) -> list:
             return []
 
+        def count(self, thread_id: str, kind: str) -> int:
+            return 0
+
         def add(self, record) -> None:
             pass
 
