@@ -223,28 +223,28 @@ class ChatSession:
             return self._finish(answer, turn, persist=True, screened=True)
         return self._finish(answer, turn, persist=command not in _COMMANDS)
 
-    def _guard(self) -> Guard:
-        """The guard of this thread's answers: the slide's material and the regions the
-        thread has examined (re-read as the turn's tools add regions)."""
-        regions = self.state.get("regions", {})
+    def _guard(self, state: dict[str, Any]) -> Guard:
+        """The guard of this thread's answers, from the thread's ``state``: the slide's
+        material and the regions examined (re-read as the turn's tools add regions)."""
+        regions = state.get("regions", {})
         return Guard(
-            material=self._material(),
+            material=self._material(state),
             regions=set(regions),
             high_power_seen=any(r.magnification == "high" for r in regions.values()),
             known=lambda: self.state.get("regions", {}),
         )
 
-    def _material(self) -> Material:
+    def _material(self, state: dict[str, Any]) -> Material:
         """The slide's material: as the thread's analysis recorded it, else from the slide
         (which opens it: a thread that has only listed regions need not)."""
-        report = self.state.get("report")
+        report = state.get("report")
         if report is not None and report.material is not None:
             return as_declared(report.material, self.context.settings.stain)
         return self.context.material(self.slide_path)
 
     def _opening(self, question: str | None, turn: _Turn) -> str:
         """What the question asks that this slide cannot show, said first (and streamed)."""
-        material = self._material()
+        material = self._material(self.state)
         refusals = question_refusals(question, material)
         if material.generated:
             refusals.insert(0, generated_notice(material))
@@ -258,10 +258,11 @@ class ChatSession:
         """The checked answer with its notice, saved in the thread (``persist``: questions,
         whose answer the thread keeps as its last message) and in the audit trail. A streamed
         answer was checked as it streamed (``screened``): it is kept exactly as shown."""
+        state = self.state  # one read: persisting below changes only the last message
         if screened:
             withheld = turn.withheld
         else:
-            answer, found = self._guard().screen(answer, "answer", marker=True)
+            answer, found = self._guard(state).screen(answer, "answer", marker=True)
             withheld = turn.withheld + found
         final = answer if DRAFT_NOTICE in answer else f"{answer}\n\n{NOTICE_LINE}"
         if not final.startswith(turn.shown):
@@ -270,15 +271,17 @@ class ChatSession:
             final = f"{turn.shown}\n\n{NOTICE_LINE}"
         turn.emit(final[len(turn.shown) :])
         if persist:
-            last = self.state["messages"][-1]
+            last = state["messages"][-1]
             self.graph.update_state(
                 self.config, {"messages": [AIMessage(final, id=last.id)]}, as_node="agent"
             )
-        citations = cited_regions(final, self.state.get("regions", {}))
-        audit_id = self._record(turn, citations, withheld)
+        citations = cited_regions(final, state.get("regions", {}))
+        audit_id = self._record(turn, citations, withheld, self._material(state))
         return ChatReply(text=final, citations=citations, withheld=withheld, audit_id=audit_id)
 
-    def _record(self, turn: _Turn, citations: list[Citation], withheld: list) -> str:
+    def _record(
+        self, turn: _Turn, citations: list[Citation], withheld: list, material: Material
+    ) -> str:
         log = AuditLog(self.checkpointer)
         number = log.count(self.thread_id, "chat_turn")
         analyses = [
@@ -293,7 +296,7 @@ class ChatSession:
             started=turn.started,
             seconds=round(time.perf_counter() - turn.clock, 3),
             slide_id=slide_id_of(Path(self.slide_path)),
-            material=self._material(),
+            material=material,
             input_sha256=text_hash(turn.text),
             provenance=self.context.provenance(),
             model_calls=turn.recorder.model_calls,
@@ -309,7 +312,7 @@ class ChatSession:
         """The tool-calling agent's words, passed to ``turn`` a checked sentence at a time as
         they stream. Each of the agent's messages (a preamble before a tool call, the answer
         after it) is its own paragraph. Returns what was shown: the answer as checked."""
-        gate = SentenceGate(self._guard(), "answer")
+        gate = SentenceGate(self._guard(self.state), "answer")
         config = {**self.config, "callbacks": [turn.recorder]}
         before, current = len(turn.shown), None
         for mode, chunk in self.graph.stream(
@@ -341,8 +344,9 @@ class ChatSession:
         if turn.shown[before:].strip():
             return turn.shown[before:]
         # A model that does not stream: its answer is checked whole.
-        answer, withheld = self._guard().screen(
-            self.state["messages"][-1].text, "answer", marker=True
+        state = self.state
+        answer, withheld = self._guard(state).screen(
+            state["messages"][-1].text, "answer", marker=True
         )
         turn.withheld += withheld
         return answer
@@ -400,7 +404,7 @@ class ChatSession:
 
         def agent(state: ChatState) -> dict:
             bound = model.bind_tools(tools)
-            material = self._material()
+            material = self._material(state)
             summary = _thread_summary(state) + f"\nMaterial: {material.description}."
             reply = bound.invoke(
                 [SystemMessage(prompt("chat") + "\n\n" + summary), *state["messages"]]
